@@ -1,0 +1,181 @@
+"""Loading plugins from the ``koopkit`` entry-point group and the registries they fill.
+
+Discovery is lazy and cached: nothing is imported until a registry is first asked for.
+``KOOPKIT_LOAD_PLUGINS`` (comma list; empty means none) restricts which entry points load,
+``KOOPKIT_DISABLE_PLUGINS`` (comma list) blocks some.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import DuplicateNameError, KoopkitWarning, PluginError, UnknownNameError
+
+__all__ = [
+    "KINDS",
+    "Entry",
+    "PluginLoadWarning",
+    "get_plugin_manager",
+    "registry",
+    "lookup",
+    "create",
+    "list_plugins",
+    "refresh",
+]
+
+ENTRY_POINT_GROUP = "koopkit"
+KINDS = ("estimator", "metric", "test")
+_HOOK_OF_KIND = {
+    "estimator": "koopkit_register_estimators",
+    "metric": "koopkit_register_metrics",
+    "test": "koopkit_register_tests",
+}
+
+
+_DISTRIBUTIONS: dict[str, importlib.metadata.Distribution] = {}
+
+
+class PluginLoadWarning(KoopkitWarning, RuntimeWarning):
+    """Warned when a plugin fails to import or to register; it is skipped."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered estimator, metric or test and where it came from."""
+
+    name: str
+    kind: str
+    factory: Any
+    plugin: str
+    package: str | None
+    version: str | None
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "plugin": self.plugin,
+            "package": self.package,
+            "version": self.version,
+            **{k: v for k, v in self.info.items() if isinstance(v, str | int | float | bool)},
+        }
+
+
+def _names_from_env(var: str) -> set[str] | None:
+    value = os.environ.get(var)
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+@functools.cache
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with entry points loaded (once)."""
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    allowed = _names_from_env("KOOPKIT_LOAD_PLUGINS")
+    blocked = _names_from_env("KOOPKIT_DISABLE_PLUGINS") or set()
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if (allowed is not None and ep.name not in allowed) or ep.name in blocked:
+            continue
+        if pm.get_plugin(ep.name) is not None:
+            continue
+        try:
+            module = ep.load()
+            pm.register(module, name=ep.name)
+        except Exception as exc:  # a broken third-party plugin must not break the CLI
+            warnings.warn(
+                f"Plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
+                f"{type(exc).__name__}: {exc}",
+                PluginLoadWarning,
+                stacklevel=2,
+            )
+            continue
+        _DISTRIBUTIONS[ep.name] = ep.dist
+    pm.check_pending()
+    return pm
+
+
+def _distribution(plugin_name: str) -> tuple[str | None, str | None]:
+    dist = _DISTRIBUTIONS.get(plugin_name)
+    if dist is None:
+        return None, None
+    return dist.metadata["Name"], dist.version
+
+
+@functools.cache
+def registry(kind: str) -> dict[str, Entry]:
+    """All registered entries of one kind, by name; built once per process."""
+    if kind not in KINDS:
+        raise ValueError(f"Invalid kind {kind!r}; expected one of {', '.join(KINDS)}.")
+    pm = get_plugin_manager()
+    hook = getattr(pm.hook, _HOOK_OF_KIND[kind])
+    entries: dict[str, Entry] = {}
+    for impl in reversed(hook.get_hookimpls()):  # registration order
+        plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        package, version = _distribution(plugin_name)
+
+        def register(name, factory, _plugin=plugin_name, _pkg=package, _ver=version, **info):
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"Plugin {_plugin!r} registered an invalid {kind} name {name!r}.")
+            if name in entries:
+                raise DuplicateNameError(
+                    f"{kind.capitalize()} {name!r} is registered by both plugin "
+                    f"{entries[name].plugin!r} and plugin {_plugin!r}."
+                )
+            entries[name] = Entry(name, kind, factory, _plugin, _pkg, _ver, dict(info))
+
+        snapshot = dict(entries)
+        try:
+            impl.function(**{arg: register for arg in impl.argnames})
+        except DuplicateNameError:
+            raise
+        except Exception as exc:
+            entries.clear()
+            entries.update(snapshot)
+            warnings.warn(
+                f"Plugin {plugin_name!r} failed to register {kind}s and was skipped: "
+                f"{type(exc).__name__}: {exc}",
+                PluginLoadWarning,
+                stacklevel=2,
+            )
+    return entries
+
+
+def lookup(kind: str, name: str) -> Entry:
+    """The entry registered under ``name``, or an error listing the known names."""
+    entries = registry(kind)
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "none"
+        raise UnknownNameError(f"Invalid {kind} {name!r}; known: {known}.")
+    return entries[name]
+
+
+def create(kind: str, name: str, **params):
+    """Instantiate a registered estimator, metric or test with its parameters."""
+    entry = lookup(kind, name)
+    try:
+        return entry.factory(**params)
+    except TypeError as exc:
+        raise PluginError(f"Invalid parameters for {kind} {name!r}: {exc}") from exc
+
+
+def list_plugins() -> list[dict]:
+    """Every registered name, with its kind, plugin and package version."""
+    return [entry.to_json() for kind in KINDS for entry in registry(kind).values()]
+
+
+def refresh() -> None:
+    """Forget loaded plugins and registries (tests register throwaway plugins)."""
+    registry.cache_clear()
+    get_plugin_manager.cache_clear()
+    _DISTRIBUTIONS.clear()
