@@ -1,0 +1,499 @@
+"""The training-loop hook: ``with Recorder(...) as rec: ... rec.step(loss=loss)``."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .. import __version__  # noqa: F401  (recorded through the writer)
+from ..errors import NonFiniteSnapshotWarning, ShapeChangedError, WriteFailedError
+from ..store import layout
+from ..store.writer import RunWriter, SeriesSpec
+from .schedule import make_schedule
+from .sketch import make_sketch
+from .transfer import ScalarLog, VectorStream, WriterThread
+
+__all__ = ["Recorder", "Probe"]
+
+MAX_CHUNK_STEPS = 64
+SCALAR_BATCH = 256
+_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class Probe:
+    """A fixed probe batch whose per-sample outputs are recorded at every snapshot.
+
+    ``fn(model, inputs)`` returns a ``(samples, features)`` tensor; by default the model's
+    output in eval mode without gradients (the mode is restored afterwards).
+    """
+
+    inputs: torch.Tensor
+    labels: object = None
+    ids: object = None
+    fn: object = None
+
+
+def _default_probe_fn(model, inputs):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(inputs)
+    finally:
+        model.train(was_training)
+
+
+def _select(model, params):
+    """(name, parameter) pairs chosen by True, a regex string, or a list of names."""
+    named = list(model.named_parameters())
+    if params is True:
+        return named, "full"
+    if isinstance(params, str):
+        pattern = re.compile(params)
+        chosen = [(n, p) for n, p in named if pattern.search(n)]
+    else:
+        wanted = list(params)
+        known = dict(named)
+        missing = [n for n in wanted if n not in known]
+        if missing:
+            raise ValueError(
+                f"Invalid params {missing!r}; the model has: {', '.join(known) or 'no parameters'}."
+            )
+        chosen = [(n, known[n]) for n in wanted]
+    if not chosen:
+        raise ValueError(f"params={params!r} selects no parameter of the model.")
+    return chosen, ("full" if len(chosen) == len(named) else "subset")
+
+
+def _tensors_table(chosen):
+    table, offset = [], 0
+    for name, p in chosen:
+        table.append(
+            {
+                "name": name,
+                "offset": offset,
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).removeprefix("torch."),
+            }
+        )
+        offset += p.numel()
+    return table, offset
+
+
+def _json_safe(value):
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return str(value)
+
+
+def _optimizer_meta(optimizer):
+    if optimizer is None:
+        return None
+    return {
+        "class": type(optimizer).__name__,
+        "hyperparams": {k: _json_safe(v) for k, v in optimizer.defaults.items()},
+    }
+
+
+def _chunk_steps(row_bytes: int, max_inflight_bytes: int) -> int:
+    """Rows per chunk: as many as fit half the in-flight budget, a power of two up to 64."""
+    rows = max(1, (max_inflight_bytes // 2) // max(1, row_bytes))
+    return min(MAX_CHUNK_STEPS, 1 << (rows.bit_length() - 1))
+
+
+class Recorder:
+    """Record a model's trajectory into a koopkit store from inside any training loop.
+
+    Parameters
+    ----------
+    store : str or path
+        Store directory or fsspec URL; created when absent.
+    run : str
+        Run id, e.g. ``"fcn/h40/seed2"``; ``/`` nests groups.
+    model : torch.nn.Module, optional
+        The model whose parameters (and gradients, probe outputs) are recorded.
+    every : int, list of int, or Schedule
+        Snapshot steps: every N optimizer steps, explicit steps, or ``log_spaced(...)``.
+    tags : dict
+        Free key -> value labels the CLI selects and groups by (width, seed, optimizer...).
+    params : True, str or list of str
+        All parameters, those whose name matches a regex, or the named ones; False for none.
+    grads : bool
+        Also record gradients (call ``rec.step`` before ``zero_grad``, or use ``attach``).
+    probes : dict of name -> Probe
+        Per-sample outputs on fixed probe batches, stored as (step, sample, feature).
+    sketch : int, optional
+        Record a seeded random projection of width ``sketch`` instead of the raw parameters.
+    sketch_method : {"countsketch", "gaussian"}
+    seed : int
+        Seed of the sketch.
+    dtype : {"float32", "float16", "float64"}
+        Storage dtype of vector series.
+    initial : bool
+        Record the initial parameters as step 0.
+    on_full : {"block", "drop"}
+        When every buffer is in flight: wait for the writer, or drop snapshots (counted).
+    on_error : {"raise", "warn"}
+        A failed write raises at the next ``step`` (default), or warns once and stops recording.
+    max_inflight_bytes : int
+        Host memory for snapshots not yet written; sets the chunk depth and buffer count.
+    resume : bool
+        Continue a run that already holds committed steps; snapshots at steps already
+        committed are skipped, so a deterministic replay continues without gaps or duplicates.
+    start_step : int
+        The optimizer step the loop starts from (after restoring a checkpoint).
+    optimizer : torch.optim.Optimizer, optional
+        Recorded in the run metadata; ``attach`` sets it too.
+    compressor : {None, "zstd", "blosc"}
+        Compression of vector series; None keeps up with training best.
+    """
+
+    def __init__(
+        self,
+        store,
+        run: str,
+        model: torch.nn.Module | None = None,
+        *,
+        every=1,
+        tags: dict | None = None,
+        params=True,
+        grads: bool = False,
+        probes: dict | None = None,
+        sketch: int | None = None,
+        sketch_method: str = "countsketch",
+        seed: int = 0,
+        dtype: str = "float32",
+        initial: bool = True,
+        on_full: str = "block",
+        on_error: str = "raise",
+        max_inflight_bytes: int = 512 * 2**20,
+        resume: bool = True,
+        start_step: int = 0,
+        optimizer=None,
+        compressor: str | None = None,
+    ):
+        if on_full not in ("block", "drop"):
+            raise ValueError(f"Invalid on_full={on_full!r}; expected 'block' or 'drop'.")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"Invalid on_error={on_error!r}; expected 'raise' or 'warn'.")
+        if dtype not in _STORAGE_DTYPES:
+            raise ValueError(
+                f"Invalid dtype={dtype!r}; expected one of {', '.join(_STORAGE_DTYPES)}."
+            )
+        self.store, self.run_id = store, layout.check_run_id(run)
+        self.model = model
+        self.schedule = make_schedule(every)
+        self.tags = dict(tags or {})
+        self.params, self.grads, self.probes = params, grads, dict(probes or {})
+        self.sketch, self.sketch_method, self.seed = sketch, sketch_method, seed
+        self.dtype = _STORAGE_DTYPES[dtype]
+        self.initial, self.on_full, self.on_error = initial, on_full, on_error
+        self.max_inflight_bytes = int(max_inflight_bytes)
+        self.resume, self.step_count = resume, int(start_step)
+        self.optimizer, self.compressor = optimizer, compressor
+        self._writer = None
+        self._hooks = []
+        self._disabled = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Recorder:
+        self.open()
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        interrupted = kind is not None
+        self.close(
+            status="interrupted" if interrupted else "complete", raise_errors=not interrupted
+        )
+        return False
+
+    def open(self) -> Recorder:
+        """Open the run (resuming it if it exists) and record the initial snapshot."""
+        self._layout()
+        metadata = {
+            "tags": self.tags,
+            "model": None
+            if self.model is None
+            else {"class": type(self.model).__name__, "parameter_count": self._model_size},
+            "optimizer": _optimizer_meta(self.optimizer),
+            "torch_version": torch.__version__.split("+")[0],
+            "device": str(self.device),
+            "every": self.schedule.to_json(),
+            "initial": bool(self.initial),
+        }
+        self._writer = RunWriter(self.store, self.run_id, metadata, resume=self.resume)
+        self._thread = WriterThread(self._writer)
+        try:
+            self._open_series()
+        except BaseException:
+            self._thread.stop()
+            self._writer.abandon()
+            raise
+        self._install_sigterm()
+        if self.initial and self.step_count in self.schedule:
+            self.snapshot()
+        return self
+
+    def close(self, status: str = "complete", raise_errors: bool = True) -> None:
+        """Flush everything, write the final status and release the run."""
+        if self._writer is None:
+            return
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._restore_sigterm()
+        writer, self._writer = self._writer, None
+        for stream in self._streams():
+            stream.hand_off()
+        self._thread.stop()
+        error = self._thread.error
+        if error is not None:
+            writer.abandon()
+            if raise_errors and self.on_error == "raise":
+                raise self._as_write_error(error)
+            return
+        dropped = sum(getattr(s, "dropped", 0) for s in self._vectors.values())
+        writer.set(dropped=int(writer.attrs.get("dropped", 0)) + dropped)
+        writer.close(status)
+        flagged = writer.attrs.get("nonfinite")
+        if flagged:
+            summary = ", ".join(f"{path} at steps {steps[:5]}" for path, steps in flagged.items())
+            warnings.warn(
+                f"Run {self.run_id!r} recorded NaN/Inf values ({summary}); they are stored as "
+                "recorded and flagged in the run's 'nonfinite' metadata.",
+                NonFiniteSnapshotWarning,
+                stacklevel=3,
+            )
+
+    # -- the training-loop calls -------------------------------------------------------------
+
+    def step(self, loss=None, **scalars) -> None:
+        """Count one optimizer step; log scalars; snapshot if the schedule says so.
+
+        Scalars describe the iteration that just ended, so they are stored at the step the
+        parameters had when they were computed (the count before this call). Never blocks
+        on the device: no ``.item()``, no host synchronisation.
+        """
+        if loss is not None:
+            scalars["loss"] = loss
+        self.log(**scalars)
+        self.step_count += 1
+        if self.step_count in self.schedule:
+            self.snapshot()
+
+    def log(self, **scalars) -> None:
+        """Log scalars at the current step without counting a step (for ``attach`` users)."""
+        if not self._live():
+            return
+        for name, value in scalars.items():
+            path = layout.series_path(layout.SCALARS, name)
+            log = self._scalars.get(path)
+            if log is None:
+                log = self._scalars[path] = self._new_scalar(path)
+            last = self._resume_after[path]
+            if last is None or self.step_count > last:
+                log.log(self.step_count, value)
+
+    def snapshot(self) -> None:
+        """Record the selected vectors now, at the current step."""
+        if not self._live():
+            return
+        step = self.step_count
+        done = [
+            s for path, s in self._resume_after.items() if path in self._vectors and s is not None
+        ]
+        if done and step <= max(done):
+            return  # already committed before a resume
+        if self._chosen:
+            self._check_layout(step)
+        for path, stream in self._vectors.items():
+            stream.capture(step, self._fillers[path])
+
+    def attach(self, optimizer):
+        """Record after every ``optimizer.step()`` without touching the loop."""
+        self.optimizer = optimizer
+        if self._writer is not None:
+            self._writer.set(optimizer=_optimizer_meta(optimizer))
+        handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        self._hooks.append(handle)
+        return handle
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _live(self) -> bool:
+        if self._writer is None:
+            raise RuntimeError("The Recorder is not open; use it as a context manager.")
+        error = self._thread.error
+        if error is not None and not self._disabled:
+            if self.on_error == "raise":
+                self._disabled = True
+                writer, self._writer = self._writer, None
+                self._thread.stop()
+                writer.abandon()
+                raise self._as_write_error(error)
+            warnings.warn(
+                f"Recording of run {self.run_id!r} stopped: {error}", RuntimeWarning, stacklevel=3
+            )
+            self._disabled = True
+        return not self._disabled
+
+    def _as_write_error(self, error):
+        if isinstance(error, WriteFailedError):
+            return error
+        return WriteFailedError(
+            f"Recording run {self.run_id!r} failed: {type(error).__name__}: {error}"
+        )
+
+    def _layout(self):
+        """Decide what is recorded and where it lives."""
+        self._chosen, kind = [], None
+        if self.model is not None and self.params is not False:
+            self._chosen, kind = _select(self.model, self.params)
+        self._kind = "sketch" if self.sketch else kind
+        self._table, self._size = _tensors_table(self._chosen)
+        self._shapes = [tuple(p.shape) for _, p in self._chosen]
+        self._model_size = (
+            sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
+        )
+        tensors = [p for _, p in self._chosen] or (
+            list(self.model.parameters()) if self.model else []
+        )
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+
+    def _open_series(self):
+        self._vectors, self._fillers, self._scalars, self._resume_after = {}, {}, {}, {}
+        if self._chosen:
+            width = self.sketch or self._size
+            attrs = {"kind": self._kind, "tensors": self._table}
+            if self.sketch:
+                self._sketcher = make_sketch(
+                    self.sketch_method, self.sketch, self._size, self.seed, self.device
+                )
+                attrs["sketch"] = {
+                    "method": self.sketch_method,
+                    "dim": int(self.sketch),
+                    "seed": int(self.seed),
+                }
+                attrs["source_size"] = int(self._size)
+            self._add_vector(layout.PARAMS, (width,), ("param",), attrs, self._fill_params)
+            if self.grads:
+                self._add_vector(layout.GRADS, (width,), ("param",), attrs, self._fill_grads)
+        for name, probe in self.probes.items():
+            if not isinstance(probe, Probe):
+                probe = Probe(*probe) if isinstance(probe, tuple) else Probe(probe)
+            self._add_probe(name, probe)
+
+    def _add_vector(self, path, row_shape, row_dims, attrs, fill, coords=None):
+        size = int(torch.Size(row_shape).numel())
+        row_bytes = size * self.dtype.itemsize
+        chunk_steps = _chunk_steps(row_bytes, self.max_inflight_bytes)
+        n_buffers = max(2, min(8, self.max_inflight_bytes // max(1, chunk_steps * row_bytes)))
+        spec = SeriesSpec(
+            path,
+            tuple(row_shape),
+            dtype=str(self.dtype).removeprefix("torch."),
+            attrs={**attrs, "chunk_steps": chunk_steps},
+            chunk_steps=chunk_steps,
+            row_dims=row_dims,
+            coords=coords or {},
+            compressor=self.compressor,
+        )
+        series = self._writer.add_series(spec)
+        self._resume_after[path] = series.last_step
+        stream = VectorStream(
+            path,
+            size,
+            series.chunk_steps,
+            n_buffers,
+            self.device,
+            self.dtype,
+            self._thread,
+            self.on_full,
+        )
+        self._vectors[path], self._fillers[path] = stream, fill
+
+    def _add_probe(self, name, probe):
+        fn = probe.fn or _default_probe_fn
+        inputs = probe.inputs
+        example = fn(self.model, inputs)
+        if example.dim() == 1:
+            example = example[:, None]
+        samples, features = example.shape[0], int(example[0].numel())
+        ids = torch.arange(samples) if probe.ids is None else torch.as_tensor(probe.ids)
+        coords = {"sample": ("sample", ids.cpu().numpy())}
+        if probe.labels is not None:
+            coords["label"] = ("sample", torch.as_tensor(probe.labels).cpu().numpy())
+        path = layout.series_path(layout.PROBES, name)
+
+        def fill(row):
+            row.view(samples, features).copy_(fn(self.model, inputs).reshape(samples, features))
+
+        self._add_vector(
+            path, (samples, features), ("sample", "feature"), {"kind": "probe"}, fill, coords
+        )
+
+    def _new_scalar(self, path):
+        spec = SeriesSpec(path, (), dtype="float32", attrs={"kind": "scalar"}, chunk_steps=1024)
+        self._resume_after[path] = self._writer.add_series(spec).last_step
+        return ScalarLog(path, SCALAR_BATCH, self.device, self._thread)
+
+    def _streams(self):
+        return [*self._vectors.values(), *self._scalars.values()]
+
+    def _check_layout(self, step):
+        """Follow replaced parameter objects; refuse a change of shape or of the set of names."""
+        current = dict(self.model.named_parameters())
+        for i, ((name, _), shape) in enumerate(zip(self._chosen, self._shapes, strict=True)):
+            now = current.get(name)
+            if now is None or tuple(now.shape) != shape:
+                got = "removed" if now is None else f"shape {tuple(now.shape)}"
+                raise ShapeChangedError(
+                    f"Parameter {name!r} changed from shape {shape} to {got} at step {step}; "
+                    "a run records one parameter layout. Start a new run."
+                )
+            self._chosen[i] = (name, now)
+
+    def _fill_params(self, row):
+        self._fill(row, [p for _, p in self._chosen])
+
+    def _fill_grads(self, row):
+        self._fill(
+            row, [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self._chosen]
+        )
+
+    def _fill(self, row, tensors):
+        if self.sketch:
+            self._sketcher.project(tensors, row)
+            return
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            row[offset : offset + n].copy_(t.detach().reshape(-1))
+            offset += n
+
+    def _install_sigterm(self):
+        """Turn SIGTERM into SystemExit so the ``with`` block flushes and marks the run interrupted."""
+        self._previous_sigterm = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+
+        def on_sigterm(signum, frame):
+            raise SystemExit(128 + signum)
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _restore_sigterm(self):
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None

@@ -1,0 +1,175 @@
+"""Moving snapshots from the device to the store without stalling the training loop.
+
+Each vector series (params, grads, a probe, a sketch) owns a few host chunk buffers of
+``chunk_steps`` rows. A snapshot is written into the next row of the current buffer: on CPU
+by a plain copy, on CUDA by a device-side flatten followed by an asynchronous copy on a side
+stream into pinned memory, with an event recorded. A full buffer goes to the writer thread,
+which waits on the event (never the training thread) and writes the whole chunk row.
+Memory in flight is bounded by the number of buffers; when all are in flight, ``on_full``
+decides: "block" waits for the writer (nothing lost), "drop" skips snapshots and counts them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+
+def _host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    buffer = torch.empty(shape, dtype=dtype)
+    return buffer.pin_memory() if pin else buffer
+
+
+class VectorStream:
+    """Snapshots of one flat vector per step, handed to the writer in whole chunk rows."""
+
+    def __init__(self, path, size, chunk_steps, n_buffers, device, dtype, writer, on_full):
+        self.path = path
+        self.size = int(size)
+        self.chunk_steps = int(chunk_steps)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.dtype = dtype
+        self.writer = writer
+        self.on_full = on_full
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(n_buffers):
+            self.free.put(_host_buffer((self.chunk_steps, self.size), dtype, pin=self.cuda))
+        self.current = self.free.get()
+        self.steps: list[int] = []
+        self.dropped = 0
+        if self.cuda:
+            self.side = torch.cuda.Stream(device=self.device)
+            self.staging = torch.empty(self.size, dtype=dtype, device=self.device)
+            self.staging_free = torch.cuda.Event()
+            self.staging_free.record(self.side)
+        elif self.device.type != "cpu":
+            self.staging = torch.empty(self.size, dtype=dtype, device=self.device)
+
+    def capture(self, step: int, fill) -> None:
+        """Record one snapshot; ``fill(row)`` writes the flat vector into a device row."""
+        if self.current is None:
+            self.current = self._acquire_nowait()
+            if self.current is None:
+                self.dropped += 1
+                return
+        row = self.current[len(self.steps)]
+        if self.cuda:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(self.staging_free)  # the previous copy out of staging is done
+            fill(self.staging)
+            filled = torch.cuda.Event()
+            filled.record(main)
+            with torch.cuda.stream(self.side):
+                self.side.wait_event(filled)
+                row.copy_(self.staging, non_blocking=True)
+                self.staging_free.record(self.side)
+        elif self.device.type == "cpu":
+            fill(row)
+        else:  # MPS and other devices: a synchronous copy, correct if not overlapped
+            fill(self.staging)
+            row.copy_(self.staging)
+        self.steps.append(step)
+        if len(self.steps) == self.chunk_steps:
+            self.hand_off()
+
+    def hand_off(self) -> None:
+        """Send the current (possibly partial) buffer to the writer and take a free one."""
+        if self.current is None or not self.steps:
+            return
+        done = None
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(self.side)
+        self.writer.submit(self, np.array(self.steps, dtype=np.int64), self.current, done)
+        self.steps = []
+        if self.on_full == "block":
+            self.current = self.free.get()
+        else:
+            self.current = self._acquire_nowait()
+
+    def _acquire_nowait(self):
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            return None
+
+    def release(self, buffer) -> None:
+        self.free.put(buffer)
+
+
+class ScalarLog:
+    """Scalars (loss, lr, ...) kept on the device and copied to the host in batches."""
+
+    def __init__(self, path, batch, device, writer):
+        self.path, self.batch, self.writer = path, int(batch), writer
+        self.device = torch.device(device)
+        self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
+        self.steps: list[int] = []
+
+    def log(self, step: int, value) -> None:
+        if isinstance(value, torch.Tensor):
+            self.values[len(self.steps)].copy_(value.detach().reshape(()), non_blocking=True)
+        else:
+            self.values[len(self.steps)] = float(value)
+        self.steps.append(step)
+        if len(self.steps) == self.batch:
+            self.hand_off()
+
+    def hand_off(self) -> None:
+        if not self.steps:
+            return
+        count = len(self.steps)
+        host = self.values[:count].to("cpu", non_blocking=self.device.type == "cuda")
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self.writer.submit(self, np.array(self.steps, dtype=np.int64), host, done)
+        self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
+        self.steps = []
+
+    def release(self, buffer) -> None:
+        pass
+
+
+class WriterThread:
+    """The one thread that waits on copies and writes rows into the store.
+
+    A failure is kept and reported to the training thread at its next call; buffers are
+    still released so a blocked producer never deadlocks.
+    """
+
+    def __init__(self, run_writer):
+        self.run_writer = run_writer
+        self.items: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="koopkit-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, stream, steps, buffer, done) -> None:
+        self.items.put((stream, steps, buffer, done))
+
+    def _loop(self):
+        while True:
+            item = self.items.get()
+            if item is None:
+                return
+            stream, steps, buffer, done = item
+            try:
+                if self.error is None:
+                    if done is not None:
+                        done.synchronize()
+                    rows = buffer[: len(steps)].numpy()
+                    self.run_writer.append(stream.path, steps, rows)
+            except BaseException as exc:  # reported to the training thread
+                self.error = exc
+            finally:
+                stream.release(buffer)
+
+    def stop(self) -> None:
+        self.items.put(None)
+        self.thread.join()

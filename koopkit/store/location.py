@@ -1,0 +1,86 @@
+"""Turning a STORE argument (directory, ``.zip``, or fsspec URL) into an open Zarr root group."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import FormatVersionError, NotAStoreError, StoreError
+from . import layout
+
+
+def local_path(url) -> Path | None:
+    """The directory behind a local store, or None for URLs and zips."""
+    text = os.fspath(url)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if "://" in text or text.endswith(".zip"):
+        return None
+    return Path(text)
+
+
+def _zarr_store(url, *, writable: bool):
+    import zarr.storage
+
+    text = os.fspath(url)
+    if text.endswith(".zip"):
+        if writable:
+            raise StoreError(
+                f"Store {text!r} is a zip file, which koopkit reads but does not write; "
+                "record into a directory and zip it afterwards."
+            )
+        if not Path(text).is_file():
+            raise NotAStoreError(f"No koopkit store at {text!r}: the file does not exist.")
+        return zarr.storage.ZipStore(text, mode="r")
+    path = local_path(text)
+    if path is None:
+        return zarr.storage.FsspecStore.from_url(text, read_only=not writable)
+    if not writable and not path.is_dir():
+        raise NotAStoreError(f"No koopkit store at {text!r}: not a directory.")
+    if writable and path.exists():
+        if not path.is_dir():
+            raise NotAStoreError(f"{text!r} exists and is not a directory, so not a koopkit store.")
+        if any(path.iterdir()) and not (path / "zarr.json").is_file():
+            raise NotAStoreError(
+                f"{text!r} is a non-empty directory but not a Zarr store; refusing to write into it."
+            )
+    return zarr.storage.LocalStore(path, read_only=not writable)
+
+
+def check_root(attrs, url) -> None:
+    """Refuse groups that are not koopkit stores, or are from a format we cannot read."""
+    block = attrs.get(layout.NAMESPACE) if isinstance(attrs, dict) else None
+    if not isinstance(block, dict) or block.get("format") != layout.FORMAT_NAME:
+        raise NotAStoreError(
+            f"{os.fspath(url)!r} is a Zarr group but not a koopkit trajectory store "
+            "(its attributes have no koopkit.format)."
+        )
+    version = str(block.get("version", ""))
+    if version.split(".")[0] != str(layout.SUPPORTED_MAJOR):
+        raise FormatVersionError(
+            f"Store {os.fspath(url)!r} has format version {version!r}; "
+            f"this koopkit reads {layout.SUPPORTED_MAJOR}.x. Upgrade koopkit to read it."
+        )
+
+
+def open_root(url, *, writable: bool = False):
+    """The root group of a koopkit store; created (empty) when writable and absent."""
+    import zarr
+
+    store = _zarr_store(url, writable=writable)
+    try:
+        group = zarr.open_group(store, mode="r" if not writable else "a", zarr_format=3)
+    except (FileNotFoundError, KeyError) as exc:
+        raise NotAStoreError(f"No koopkit store at {os.fspath(url)!r}.") from exc
+    except StoreError:
+        raise
+    except Exception as exc:  # zarr raises many types for unreadable input
+        raise NotAStoreError(
+            f"{os.fspath(url)!r} is not a readable Zarr v3 store: {type(exc).__name__}: {exc}"
+        ) from exc
+    attrs = group.attrs.asdict()
+    if writable and not attrs and not list(group.keys()):
+        group.attrs.update(layout.root_attrs())
+        return group
+    check_root(attrs, url)
+    return group

@@ -1,0 +1,53 @@
+"""One writer per run: a second writer on the same run is refused, naming the holder.
+
+Local stores lock the run's directory with ``flock``, which the kernel releases when the
+holder dies (even by SIGKILL), so a crash never leaves a stale lock. Other stores (memory,
+fsspec URLs) are locked within this process only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from ..errors import RunLockedError
+
+_IN_PROCESS: set[tuple[str, str]] = set()
+_IN_PROCESS_GUARD = threading.Lock()
+
+
+class RunLock:
+    """Exclusive, non-blocking lock on one run; ``release`` is idempotent."""
+
+    def __init__(self, url: str, run_id: str, directory=None, describe_holder=lambda: ""):
+        self._key = (os.fspath(url), run_id)
+        self._fd = None
+        if directory is not None:
+            import fcntl
+
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunLockedError(self._refusal(run_id, describe_holder())) from None
+            self._fd = fd
+        else:
+            with _IN_PROCESS_GUARD:
+                if self._key in _IN_PROCESS:
+                    raise RunLockedError(self._refusal(run_id, describe_holder()))
+                _IN_PROCESS.add(self._key)
+
+    @staticmethod
+    def _refusal(run_id: str, holder: str) -> str:
+        by = f" by {holder}" if holder else ""
+        return f"Run {run_id!r} is already being written{by}; one writer per run."
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+        else:
+            with _IN_PROCESS_GUARD:
+                _IN_PROCESS.discard(self._key)

@@ -1,0 +1,184 @@
+"""Reading stores: runs, tags and lazy series, never past a series' committed rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import RunNotFoundError, SelectionError
+from . import layout
+from .location import open_root
+
+__all__ = ["open_store", "open_run", "TrajectoryStore", "RunInfo", "parse_where"]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run's metadata and the series it holds."""
+
+    run_id: str
+    attrs: dict
+    series: tuple[str, ...]
+
+    @property
+    def tags(self) -> dict:
+        return dict(self.attrs.get("tags") or {})
+
+    @property
+    def status(self) -> str:
+        return self.attrs.get("status", "unknown")
+
+    def committed(self, path: str) -> int:
+        return int((self.attrs.get("committed_steps") or {}).get(path, 0))
+
+
+def _is_run(group) -> bool:
+    block = group.attrs.get(layout.NAMESPACE)
+    return isinstance(block, dict) and block.get("node") == "run"
+
+
+def _series_paths(run_group) -> tuple[str, ...]:
+    paths = []
+    for kind in layout.VECTOR_SERIES:
+        if kind in run_group:
+            paths.append(kind)
+    for kind in (layout.SCALARS, layout.PROBES):
+        if kind in run_group:
+            paths.extend(f"{kind}/{name}" for name in sorted(run_group[kind].group_keys()))
+    return tuple(paths)
+
+
+def _tag_matches(value, wanted: str) -> bool:
+    """Tags compare by their text, so ``width=40`` matches the integer 40 and the string '40'."""
+    if isinstance(value, bool):
+        return str(value).lower() == wanted.lower()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return float(wanted) == float(value)
+        except ValueError:
+            return False
+    return str(value) == wanted
+
+
+def parse_where(items) -> dict[str, str]:
+    """``["width=40", "seed=2"]`` -> ``{"width": "40", "seed": "2"}``."""
+    where = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SelectionError(f"Invalid selection {item!r}; expected TAG=VALUE.")
+        where[key] = value
+    return where
+
+
+class TrajectoryStore:
+    """A koopkit store opened for reading: its runs, their tags, and selection by tag."""
+
+    def __init__(self, url, root):
+        self.url = os.fspath(url)
+        self.root = root
+        self._runs = None
+
+    @property
+    def attrs(self) -> dict:
+        return self.root.attrs.asdict()
+
+    def _walk(self, group, prefix):
+        for name, child in sorted(group.groups()):
+            run_id = f"{prefix}{name}"
+            if _is_run(child):
+                yield run_id, child
+            else:
+                yield from self._walk(child, f"{run_id}/")
+
+    @property
+    def runs(self) -> dict[str, RunInfo]:
+        """Every run, by id, in sorted order."""
+        if self._runs is None:
+            runs = {}
+            if layout.RUNS in self.root:
+                for run_id, group in self._walk(self.root[layout.RUNS], ""):
+                    runs[run_id] = RunInfo(run_id, group.attrs.asdict(), _series_paths(group))
+            self._runs = runs
+        return self._runs
+
+    def run(self, run_id: str) -> RunInfo:
+        layout.check_run_id(run_id)
+        if run_id not in self.runs:
+            known = ", ".join(list(self.runs)[:10]) or "none"
+            raise RunNotFoundError(f"No run {run_id!r} in store {self.url!r}; runs: {known}.")
+        return self.runs[run_id]
+
+    def select(self, where: Mapping[str, str] | None = None) -> list[RunInfo]:
+        """Runs whose tags match every ``tag=value`` of ``where`` (all runs when empty)."""
+        where = dict(where or {})
+        return [
+            info
+            for info in self.runs.values()
+            if all(key in info.tags and _tag_matches(info.tags[key], v) for key, v in where.items())
+        ]
+
+    def array(self, run_id: str, path: str = layout.PARAMS):
+        """The committed rows of a series as a lazy dask array (steps, ...)."""
+        import dask.array as da
+
+        info = self.run(run_id)
+        if path not in info.series:
+            raise RunNotFoundError(
+                f"Run {run_id!r} has no series {path!r}; it has: {', '.join(info.series) or 'none'}."
+            )
+        value = self.root[f"{layout.run_path(run_id)}/{path}/value"]
+        rows = min(info.committed(path), value.shape[0])
+        return da.from_zarr(value)[:rows]
+
+    def steps(self, run_id: str, path: str = layout.PARAMS) -> np.ndarray:
+        """The optimizer step of each committed row of a series."""
+        info = self.run(run_id)
+        step = self.root[f"{layout.run_path(run_id)}/{path}/step"]
+        return np.asarray(step[: min(info.committed(path), step.shape[0])])
+
+    def dataset(self, run_id: str, path: str = layout.PARAMS):
+        """One series as a lazy ``xarray.Dataset`` with ``value`` indexed by ``step``."""
+        import xarray as xr
+
+        group = self.root[f"{layout.run_path(run_id)}/{path}"]
+        value = self.array(run_id, path)
+        dims = tuple(group["value"].metadata.dimension_names)
+        coords = {"step": ("step", self.steps(run_id, path)[: value.shape[0]])}
+        for name, array in group.arrays():
+            if name not in ("value", "step"):
+                coords[name] = (tuple(array.metadata.dimension_names), np.asarray(array[...]))
+        attrs = {k: v for k, v in group.attrs.asdict().items() if k != layout.NAMESPACE}
+        return xr.Dataset({"value": (dims, value)}, coords=coords, attrs=attrs)
+
+    def datatree(self, run_id: str):
+        """The whole run as a lazy ``xarray.DataTree``: one node per series, run attrs on top."""
+        import xarray as xr
+
+        info = self.run(run_id)
+        nodes = {"/": xr.Dataset(attrs={k: v for k, v in info.attrs.items() if k != "writer"})}
+        for path in info.series:
+            nodes[f"/{path}"] = self.dataset(run_id, path)
+        group = self.root[layout.run_path(run_id)]
+        if layout.STATIC in group:
+            static = {
+                name: (tuple(a.metadata.dimension_names), np.asarray(a[...]))
+                for name, a in group[layout.STATIC].arrays()
+            }
+            nodes["/static"] = xr.Dataset(static)
+        return xr.DataTree.from_dict(nodes)
+
+
+def open_store(url) -> TrajectoryStore:
+    """Open a koopkit store (directory, ``.zip`` or fsspec URL) for reading."""
+    return TrajectoryStore(url, open_root(url))
+
+
+def open_run(url, run_id: str):
+    """One run as a lazy (dask-backed) ``xarray.DataTree``; ``run.koopkit.tensor(name)`` views a tensor."""
+    from . import accessor  # noqa: F401  (registers the .koopkit accessor)
+
+    return open_store(url).datatree(run_id)

@@ -1,0 +1,371 @@
+"""Writing runs: buffered whole-chunk-row appends, committed only once the data is written.
+
+Crash safety comes from ordering. Rows are written (zarr writes each chunk object
+atomically) and only then is the run's ``committed_steps`` advanced, in one metadata write
+that covers every series of the run. A reader never shows rows past that count, and a
+writer that resumes a run first trims anything beyond it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import __version__
+from ..errors import RunExistsError, ShapeChangedError, WriteFailedError
+from . import layout
+from .location import local_path, open_root
+from .lock import RunLock
+
+CHUNK_BYTES = 16 * 2**20  # target uncompressed chunk size
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class SeriesSpec:
+    """What a series holds: its path in the run, the shape of one row, and its attributes.
+
+    ``coords`` are extra 1-D arrays stored beside ``value`` (probe sample ids and labels),
+    each given as ``name -> (dimension, array)``.
+    """
+
+    path: str
+    row_shape: tuple[int, ...]
+    dtype: str = "float32"
+    attrs: dict = field(default_factory=dict)
+    chunk_steps: int = 32
+    row_dims: tuple[str, ...] = ()
+    coords: dict = field(default_factory=dict)
+    compressor: str | None = None
+
+
+def _compressors(name):
+    if name is None:
+        return None
+    import zarr.codecs
+
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    if name == "blosc":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    raise ValueError(f"Invalid compressor {name!r}; expected None, 'zstd' or 'blosc'.")
+
+
+def _column_chunks(row_shape, chunk_steps, itemsize):
+    """Chunk the first row axis so one chunk is about CHUNK_BYTES; keep other axes whole."""
+    if not row_shape:
+        return ()
+    rest = int(np.prod(row_shape[1:], dtype=np.int64)) if len(row_shape) > 1 else 1
+    cols = max(1, CHUNK_BYTES // max(1, chunk_steps * itemsize * rest))
+    return (min(int(row_shape[0]), cols) or 1, *row_shape[1:])
+
+
+class SeriesWriter:
+    """Appends rows to one series and writes them in whole chunk rows."""
+
+    def __init__(self, run_group, spec: SeriesSpec, committed_rows: int):
+        self.spec = spec
+        self.chunk_steps = spec.chunk_steps
+        dtype = np.dtype(spec.dtype)
+        if spec.path in run_group:
+            group = run_group[spec.path]
+            self.value, self.step = group["value"], group["step"]
+            if tuple(self.value.shape[1:]) != tuple(spec.row_shape):
+                raise ShapeChangedError(
+                    f"Series {spec.path!r} holds rows of shape {tuple(self.value.shape[1:])}; "
+                    f"got rows of shape {tuple(spec.row_shape)}. Record into a new run."
+                )
+            old_tensors = group.attrs.get("tensors")
+            new_tensors = spec.attrs.get("tensors")
+            if old_tensors is not None and new_tensors is not None and old_tensors != new_tensors:
+                raise ShapeChangedError(
+                    f"Series {spec.path!r} was recorded with other tensors; "
+                    "the model's parameters changed. Record into a new run."
+                )
+            self.written = min(committed_rows, self.value.shape[0], self.step.shape[0])
+            self.value.resize((self.written, *spec.row_shape))  # drop uncommitted rows
+            self.step.resize((self.written,))
+            self.last_step = int(self.step[self.written - 1]) if self.written else None
+            self.chunk_steps = self.value.chunks[0]
+        else:
+            group = run_group.create_group(spec.path)
+            group.attrs.update({layout.NAMESPACE: layout.node_block("series"), **spec.attrs})
+            chunks = (
+                self.chunk_steps,
+                *_column_chunks(spec.row_shape, self.chunk_steps, dtype.itemsize),
+            )
+            self.value = group.create_array(
+                "value",
+                shape=(0, *spec.row_shape),
+                chunks=chunks,
+                dtype=dtype,
+                fill_value=np.nan if dtype.kind == "f" else 0,
+                compressors=_compressors(spec.compressor),
+                dimension_names=("step", *spec.row_dims),
+            )
+            self.step = group.create_array(
+                "step",
+                shape=(0,),
+                chunks=(max(self.chunk_steps, 1024),),
+                dtype="int64",
+                fill_value=-1,
+                compressors=None,
+                dimension_names=("step",),
+            )
+            for name, (dim, values) in spec.coords.items():
+                values = np.asarray(values)
+                group.create_array(
+                    name, data=values, chunks=values.shape, dimension_names=(dim,), compressors=None
+                )
+            self.written = 0
+            self.last_step = None
+        self.group = group
+        self.buffer = np.empty((self.chunk_steps, *spec.row_shape), dtype=dtype)
+        self.buffer_steps = np.empty(self.chunk_steps, dtype=np.int64)
+        self.pending = 0
+        self.nonfinite_steps: list[int] = []
+
+    def _check_steps(self, steps):
+        if steps.size == 0:
+            return
+        previous = self.last_step
+        if (previous is not None and steps[0] <= previous) or np.any(np.diff(steps) <= 0):
+            raise ValueError(
+                f"Steps of series {self.spec.path!r} must increase; got {steps.tolist()} "
+                f"after step {previous}."
+            )
+        self.last_step = int(steps[-1])
+
+    def _note_nonfinite(self, steps, rows):
+        if rows.dtype.kind != "f":
+            return
+        finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+        if not finite.all():
+            self.nonfinite_steps.extend(int(s) for s in steps[~finite])
+
+    def _write(self, steps, rows):
+        start, stop = self.written, self.written + len(steps)
+        self.value.resize((stop, *self.spec.row_shape))
+        self.step.resize((stop,))
+        self.value[start:stop] = rows
+        self.step[start:stop] = steps
+        self.written = stop
+
+    def append(self, steps, rows) -> bool:
+        """Buffer rows; write every chunk row that fills. True when anything was written."""
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        rows = np.asarray(rows).reshape(len(steps), *self.spec.row_shape)
+        self._check_steps(steps)
+        self._note_nonfinite(steps, rows)
+        wrote, i = False, 0
+        while i < len(steps):
+            room = self.chunk_steps - (self.written + self.pending) % self.chunk_steps
+            take = min(room, len(steps) - i)
+            if self.pending == 0 and take == self.chunk_steps:
+                self._write(steps[i : i + take], rows[i : i + take])  # aligned: no copy
+                wrote = True
+            else:
+                self.buffer[self.pending : self.pending + take] = rows[i : i + take]
+                self.buffer_steps[self.pending : self.pending + take] = steps[i : i + take]
+                self.pending += take
+                if take == room:
+                    wrote = self.write_pending() or wrote
+            i += take
+        return wrote
+
+    def write_pending(self) -> bool:
+        if not self.pending:
+            return False
+        self._write(self.buffer_steps[: self.pending], self.buffer[: self.pending])
+        self.pending = 0
+        return True
+
+
+class RunWriter:
+    """Owns one run while it is recorded: its lock, its series and its commit point.
+
+    Parameters
+    ----------
+    url : str or path
+        The store (a directory or an fsspec URL); created when absent.
+    run_id : str
+        Relative run id; ``/`` nests groups.
+    metadata : dict
+        Run attributes (tags, model, optimizer, device, every...), merged into the run's attrs.
+    resume : bool
+        Continue a run that already has committed rows (default); False refuses such a run.
+    """
+
+    def __init__(self, url, run_id: str, metadata: dict | None = None, *, resume: bool = True):
+        self.run_id = layout.check_run_id(run_id)
+        self.url = os.fspath(url)
+        root = open_root(url, writable=True)
+        path = layout.run_path(run_id)
+        directory = local_path(url)
+        self.lock = RunLock(
+            self.url,
+            run_id,
+            directory=None if directory is None else directory / path,
+            describe_holder=lambda: self._holder(root, path),
+        )
+        try:
+            self._open_run(root, path, metadata or {}, resume)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.series: dict[str, SeriesWriter] = {}
+        self.closed = False
+        self._mutex = threading.RLock()  # the training thread adds series while the writer appends
+
+    @staticmethod
+    def _holder(root, path) -> str:
+        try:
+            writer = root[path].attrs.get("writer") or {}
+        except Exception:
+            return ""
+        if not writer:
+            return ""
+        return f"process {writer.get('pid')} on {writer.get('host')} since {writer.get('since')}"
+
+    def _open_run(self, root, path, metadata, resume):
+        writer = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+        if path in root:
+            self.group = root[path]
+            self.attrs = self.group.attrs.asdict()
+            committed = self.attrs.get("committed_steps", {})
+            if any(committed.values()) and not resume:
+                raise RunExistsError(
+                    f"Run {self.run_id!r} already holds {max(committed.values())} committed steps; "
+                    "pass resume=True to continue it, or choose another run id."
+                )
+            self.attrs.update({"status": "recording", "writer": writer})
+            for key in ("tags", "optimizer"):
+                if metadata.get(key):
+                    self.attrs[key] = metadata[key]
+        else:
+            self.group = root.create_group(path)
+            self.attrs = {
+                layout.NAMESPACE: layout.node_block("run"),
+                "run_id": self.run_id,
+                "tags": {},
+                "created": now(),
+                "koopkit_version": __version__,
+                "status": "recording",
+                "committed_steps": {},
+                "dropped": 0,
+                "nonfinite": {},
+                **metadata,
+                "writer": writer,
+            }
+        self._save_attrs()
+
+    def _save_attrs(self):
+        self.group.attrs.update(self.attrs)
+
+    def add_series(self, spec: SeriesSpec) -> SeriesWriter:
+        """Create the series, or reopen it (trimmed to its committed rows) when resuming."""
+        with self._guard():
+            committed = self.attrs["committed_steps"].get(spec.path, 0)
+            series = SeriesWriter(self.group, spec, committed)
+            self.series[spec.path] = series
+            self.attrs["committed_steps"].setdefault(spec.path, series.written)
+        return series
+
+    def append(self, path: str, steps, rows) -> None:
+        """Append rows to a series; commit when a chunk row was written."""
+        with self._guard():
+            if self.series[path].append(steps, rows):
+                self._commit()
+
+    def flush(self) -> None:
+        """Write every buffered row and commit."""
+        with self._guard():
+            self._commit()
+
+    def _commit(self):
+        for path, series in self.series.items():
+            series.write_pending()
+            self.attrs["committed_steps"][path] = series.written
+            if series.nonfinite_steps:
+                flagged = self.attrs.setdefault("nonfinite", {}).setdefault(path, [])
+                flagged.extend(series.nonfinite_steps)
+                series.nonfinite_steps = []
+        self._save_attrs()
+
+    def set(self, **attrs) -> None:
+        """Update run attributes (written at the next commit)."""
+        with self._mutex:
+            self.attrs.update(attrs)
+
+    def write_static(self, name: str, array, dims, description: str | None = None) -> None:
+        """Store an array that is not a time series under ``static/<name>``."""
+        array = np.asarray(array)
+        attrs = {layout.NAMESPACE: layout.node_block("static")}
+        if description:
+            attrs["description"] = description
+        with self._guard():
+            self.group.create_array(
+                f"{layout.STATIC}/{layout.check_name(name, 'static name')}",
+                data=array,
+                dimension_names=tuple(dims),
+                attributes=attrs,
+                overwrite=True,
+            )
+
+    def close(self, status: str = "complete") -> None:
+        """Flush, set the final status and release the lock; safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.attrs["status"] = status
+            self.attrs.pop("writer", None)
+            self.flush()
+        finally:
+            self.lock.release()
+
+    def abandon(self) -> None:
+        """Release the lock after a write failure, marking the run interrupted if we still can."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.attrs["status"] = "interrupted"
+            self.attrs.pop("writer", None)
+            self._save_attrs()
+        except Exception:
+            pass  # the store refuses writes; committed rows stay as they are
+        finally:
+            self.lock.release()
+
+    def _guard(self):
+        return _WriteGuard(self.url, self.run_id, self._mutex)
+
+
+class _WriteGuard:
+    """Turns the store's I/O failures into one WriteFailedError naming the run."""
+
+    def __init__(self, url, run_id, mutex):
+        self.url, self.run_id, self.mutex = url, run_id, mutex
+
+    def __enter__(self):
+        self.mutex.acquire()
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        self.mutex.release()
+        if exc is None or isinstance(exc, (ShapeChangedError, ValueError)):
+            return False
+        if isinstance(exc, OSError | PermissionError | RuntimeError):
+            raise WriteFailedError(
+                f"Writing run {self.run_id!r} to {self.url!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return False
