@@ -53,7 +53,7 @@ def node_block(node: str) -> dict:
 
 def check_name(name: str, what: str = "name") -> str:
     """A single path component: letters, digits and ``_.-=+@,``; never ``.`` or ``..``."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
         raise InvalidRunIdError(
             f"Invalid {what} {name!r}; expected letters, digits and _.-=+@, "
             "with no '..', slashes or NUL."

@@ -1,0 +1,81 @@
+"""``koopkit info STORE``: runs, tags, series, committed steps, sizes, status."""
+
+from __future__ import annotations
+
+import click
+
+from .options import json_option, print_json, store_argument
+
+
+def describe(store) -> dict:
+    runs = []
+    for run_id, info in store.runs.items():
+        series = {}
+        for path in info.series:
+            value = store.root[f"runs/{run_id}/{path}/value"]
+            steps = store.steps(run_id, path)
+            series[path] = {
+                "committed": info.committed(path),
+                "shape": [info.committed(path), *value.shape[1:]],
+                "dtype": str(value.dtype),
+                "first_step": int(steps[0]) if steps.size else None,
+                "last_step": int(steps[-1]) if steps.size else None,
+            }
+        runs.append(
+            {
+                "run_id": run_id,
+                "status": info.status,
+                "tags": info.tags,
+                "created": info.attrs.get("created"),
+                "committed_steps": info.attrs.get("committed_steps", {}),
+                "dropped": info.attrs.get("dropped", 0),
+                "nonfinite": info.attrs.get("nonfinite", {}),
+                "series": series,
+            }
+        )
+    analyses = []
+    if "analyses" in store.root:
+        analyses = sorted(name for name, _ in store.root["analyses"].groups())
+    return {
+        "store": store.url,
+        "format": store.attrs.get("koopkit"),
+        "runs": runs,
+        "analyses": analyses,
+    }
+
+
+def register(cli):
+    @cli.command(name="info")
+    @store_argument
+    @json_option
+    def info(store, json_):
+        """List the runs of STORE with their tags, series and committed steps."""
+        from ..store.reader import open_store
+
+        summary = describe(open_store(store))
+        if json_:
+            print_json(summary)
+            return
+        fmt = summary["format"]
+        click.echo(
+            f"{summary['store']}: koopkit {fmt['format']} v{fmt['version']}, {len(summary['runs'])} run(s)"
+        )
+        for run in summary["runs"]:
+            tags = " ".join(f"{k}={v}" for k, v in run["tags"].items()) or "-"
+            click.echo(f"\n{run['run_id']}  [{run['status']}]  tags: {tags}")
+            for path, s in run["series"].items():
+                span = (
+                    ""
+                    if s["first_step"] is None
+                    else f"  steps {s['first_step']}..{s['last_step']}"
+                )
+                shape = " x ".join(str(d) for d in s["shape"])
+                click.echo(
+                    f"  {path:<22} {s['committed']:>7} committed  ({shape} {s['dtype']}){span}"
+                )
+            if run["dropped"]:
+                click.echo(f"  dropped snapshots: {run['dropped']}")
+            for path, steps in run["nonfinite"].items():
+                click.echo(f"  NaN/Inf in {path} at {len(steps)} step(s), first {steps[:5]}")
+        if summary["analyses"]:
+            click.echo(f"\nanalyses: {', '.join(summary['analyses'])}")

@@ -1,0 +1,227 @@
+"""Bringing existing trajectories into a store: ``.npy`` arrays and folders of state dicts.
+
+An import either completes or leaves nothing behind: on any failure the new run is removed.
+Checkpoints are loaded with ``torch.load(weights_only=True)``, which refuses any pickle that
+would need to run code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ImportFailedError, RunExistsError, ShapeChangedError
+from . import layout
+from .location import open_root
+from .writer import RunWriter, SeriesSpec
+
+__all__ = ["import_npy", "import_torch", "CHECKPOINT_SUFFIXES"]
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+ROWS_PER_WRITE = 64
+
+
+def _new_run(store, run_id, metadata) -> RunWriter:
+    root = open_root(store, writable=True)
+    if layout.run_path(run_id) in root:
+        raise RunExistsError(
+            f"Run {run_id!r} already exists in {str(store)!r}; choose another run id."
+        )
+    return RunWriter(store, run_id, metadata, resume=False)
+
+
+def _remove_run(store, run_id) -> None:
+    try:
+        root = open_root(store, writable=True)
+        del root[layout.run_path(run_id)]
+    except Exception:
+        pass  # best effort: the store may be what failed
+
+
+def _write_all(store, run_id, metadata, spec, rows_iter) -> int:
+    """Write (steps, rows) blocks as the run's params; remove the run if anything fails."""
+    writer = _new_run(store, run_id, metadata)
+    count = 0
+    try:
+        writer.add_series(spec)
+        for steps, rows in rows_iter:
+            writer.append(layout.PARAMS, steps, rows)
+            count += len(steps)
+        writer.close("complete")
+    except BaseException:
+        writer.abandon()
+        _remove_run(store, run_id)
+        raise
+    return count
+
+
+def import_npy(source, store, run_id: str, tags: dict | None = None, name: str = "x") -> int:
+    """Import a ``(steps, features)`` array from a ``.npy`` file as one run; returns the rows."""
+    path = Path(source)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ImportFailedError(f"Cannot read {str(path)!r} as a .npy array: {exc}") from exc
+    if array.ndim != 2 or array.dtype.kind not in "fiu" or 0 in array.shape:
+        raise ImportFailedError(
+            f"Expected a non-empty 2-D numeric array (steps, features) in {str(path)!r}. "
+            f"Got shape {array.shape} of dtype {array.dtype} instead."
+        )
+    dtype = "float64" if array.dtype == np.float64 else "float32"
+    spec = SeriesSpec(
+        layout.PARAMS,
+        (array.shape[1],),
+        dtype=dtype,
+        attrs={
+            "kind": "full",
+            "tensors": [
+                {"name": name, "offset": 0, "shape": [array.shape[1]], "dtype": str(array.dtype)}
+            ],
+        },
+        chunk_steps=ROWS_PER_WRITE,
+        row_dims=("param",),
+    )
+    metadata = {"tags": dict(tags or {}), "source": {"kind": "npy", "path": str(path)}}
+    blocks = (
+        (
+            np.arange(i, min(i + ROWS_PER_WRITE, len(array))),
+            np.asarray(array[i : i + ROWS_PER_WRITE], dtype=dtype),
+        )
+        for i in range(0, len(array), ROWS_PER_WRITE)
+    )
+    return _write_all(store, run_id, metadata, spec, blocks)
+
+
+def _step_of(path: Path) -> int | None:
+    numbers = re.findall(r"\d+", path.stem)
+    return int(numbers[-1]) if numbers else None
+
+
+def _load_state_dict(path: Path):
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" in str(exc):  # legacy (non-zip) checkpoints cannot be memory-mapped
+            return _load_state_dict_unmapped(path)
+        raise _refusal(path, exc) from exc
+    except Exception as exc:
+        raise _refusal(path, exc) from exc
+    return _unwrap(path, obj)
+
+
+def _load_state_dict_unmapped(path: Path):
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _refusal(path, exc) from exc
+    return _unwrap(path, obj)
+
+
+def _refusal(path: Path, exc) -> ImportFailedError:
+    return ImportFailedError(
+        f"Refused checkpoint {path.name!r}: it is not a plain tensor state dict that loads with "
+        f"weights_only=True (loading it could run code). {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    )
+
+
+def _unwrap(path: Path, obj):
+    """The tensors of a state dict (possibly nested under 'state_dict'/'model') and its step."""
+    import torch
+
+    step = None
+    if isinstance(obj, dict):
+        for key in ("step", "global_step"):
+            if isinstance(obj.get(key), int):
+                step = obj[key]
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    tensors = (
+        {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if isinstance(obj, dict)
+        else {}
+    )
+    if not tensors:
+        raise ImportFailedError(
+            f"Checkpoint {path.name!r} holds no tensors (expected a state dict)."
+        )
+    return tensors, step
+
+
+def import_torch(
+    source, store, run_id: str, tags: dict | None = None, params: str | None = None
+) -> int:
+    """Import a folder of ``torch.save`` state dicts, ordered by step, as one run.
+
+    The step of each file is its ``step``/``global_step`` entry if it has one, else the last
+    number in its file name. ``params`` is a regex selecting tensors by name.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ImportFailedError(f"Expected a folder of checkpoints at {str(folder)!r}.")
+    files = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+    if not files:
+        raise ImportFailedError(
+            f"No checkpoints ({', '.join(CHECKPOINT_SUFFIXES)}) in {str(folder)!r}."
+        )
+    pattern = re.compile(params) if params else None
+    loaded = []
+    for path in files:
+        tensors, step = _load_state_dict(path)
+        step = _step_of(path) if step is None else step
+        if step is None:
+            raise ImportFailedError(
+                f"Cannot tell the step of {path.name!r}: no step entry and no number in its name."
+            )
+        loaded.append((step, path, tensors))
+    loaded.sort(key=lambda item: item[0])
+    steps = [s for s, _, _ in loaded]
+    if len(set(steps)) != len(steps):
+        raise ImportFailedError(f"Two checkpoints in {str(folder)!r} share a step: {steps}.")
+    first = loaded[0][2]
+    names = [
+        n for n in first if (pattern is None or pattern.search(n)) and first[n].is_floating_point()
+    ]
+    if not names:
+        raise ImportFailedError(f"No floating-point tensor matches params={params!r}.")
+    table, offset = [], 0
+    for n in names:
+        table.append(
+            {
+                "name": n,
+                "offset": offset,
+                "shape": list(first[n].shape),
+                "dtype": str(first[n].dtype).removeprefix("torch."),
+            }
+        )
+        offset += first[n].numel()
+
+    def rows():
+        import torch
+
+        for step, path, tensors in loaded:
+            for n, entry in zip(names, table, strict=True):
+                if n not in tensors or list(tensors[n].shape) != entry["shape"]:
+                    raise ShapeChangedError(
+                        f"Checkpoint {path.name!r} has tensor {n!r} with another shape or none; "
+                        "all checkpoints of a run must share one layout."
+                    )
+            flat = torch.cat([tensors[n].detach().reshape(-1).to(torch.float32) for n in names])
+            yield np.array([step]), flat.numpy()[None, :]
+
+    spec = SeriesSpec(
+        layout.PARAMS,
+        (offset,),
+        attrs={"kind": "full" if len(names) == len(first) else "subset", "tensors": table},
+        chunk_steps=max(1, min(ROWS_PER_WRITE, (16 * 2**20) // max(1, offset * 4))),
+        row_dims=("param",),
+    )
+    metadata = {"tags": dict(tags or {}), "source": {"kind": "torch", "path": str(folder)}}
+    return _write_all(store, run_id, metadata, spec, rows())

@@ -1,0 +1,166 @@
+"""``koopkit validate``: every node's attributes against its schema, plus structural checks.
+
+Schemas say what each node's metadata may hold; the structure says the arrays agree with it:
+shapes match, steps increase, committed counts never exceed the rows written, every array
+names its dimensions, and the tensors table covers the flattened parameters exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import StoreError
+from . import layout
+from .location import open_root
+from .schema import validate_attrs
+
+__all__ = ["validate_store"]
+
+
+def _node(group) -> str | None:
+    block = group.attrs.get(layout.NAMESPACE)
+    return block.get("node") if isinstance(block, dict) else None
+
+
+def _dimension_names(array, where, reasons) -> None:
+    names = array.metadata.dimension_names
+    if names is None or len(names) != array.ndim or any(n is None for n in names):
+        reasons.append(f"{where}: array has no dimension_names for each of its {array.ndim} axes")
+
+
+def _check_series(group, where, committed, reasons) -> None:
+    attrs = group.attrs.asdict()
+    reasons.extend(f"{where}: {r}" for r in validate_attrs("series", attrs))
+    arrays = dict(group.arrays())
+    for name in ("value", "step"):
+        if name not in arrays:
+            reasons.append(f"{where}: missing array {name!r}")
+    if reasons and ("value" not in arrays or "step" not in arrays):
+        return
+    value, step = arrays["value"], arrays["step"]
+    for name, array in arrays.items():
+        _dimension_names(array, f"{where}/{name}", reasons)
+    if step.ndim != 1 or step.dtype.kind not in "iu":
+        reasons.append(
+            f"{where}/step: expected a 1-D integer array, got {step.ndim}-D {step.dtype}"
+        )
+        return
+    rows = min(value.shape[0], step.shape[0])
+    if committed is None:
+        reasons.append(f"{where}: run metadata has no committed_steps entry for this series")
+        committed = 0
+    elif committed > rows:
+        reasons.append(
+            f"{where}: committed_steps is {committed} but only {rows} rows are written "
+            f"(value has {value.shape[0]}, step has {step.shape[0]})"
+        )
+        committed = rows
+    steps = np.asarray(step[:committed])
+    if steps.size and (np.any(np.diff(steps) <= 0) or steps[0] < 0):
+        reasons.append(f"{where}/step: steps must be >= 0 and strictly increasing")
+    kind = attrs.get("kind")
+    width = value.shape[1] if value.ndim > 1 else None
+    if kind in ("full", "subset") and isinstance(attrs.get("tensors"), list):
+        _check_tensors(attrs["tensors"], width, where, reasons)
+    if kind == "sketch" and isinstance(attrs.get("sketch"), dict):
+        if attrs["sketch"].get("dim") != width:
+            reasons.append(
+                f"{where}: sketch dim {attrs['sketch'].get('dim')} != value width {width}"
+            )
+    if kind == "probe":
+        if value.ndim != 3:
+            reasons.append(f"{where}/value: a probe is (step, sample, feature), got {value.ndim}-D")
+        for name in ("sample", "label"):
+            if name in arrays and value.ndim == 3 and arrays[name].shape != (value.shape[1],):
+                reasons.append(
+                    f"{where}/{name}: expected {value.shape[1]} entries, got {arrays[name].shape}"
+                )
+    if kind == "scalar" and value.ndim != 1:
+        reasons.append(f"{where}/value: a scalar series is 1-D, got {value.ndim}-D")
+
+
+def _check_tensors(tensors, width, where, reasons) -> None:
+    offset = 0
+    for entry in tensors:
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+            return  # the schema already reported it
+        if entry.get("offset") != offset:
+            reasons.append(
+                f"{where}: tensor {entry.get('name')!r} starts at {entry.get('offset')}, expected {offset}"
+            )
+            return
+        offset += int(np.prod(entry["shape"], dtype=np.int64))
+    if offset != width:
+        reasons.append(f"{where}: tensors cover {offset} parameters but value has {width} columns")
+
+
+def _check_run(group, run_id, reasons) -> None:
+    where = f"runs/{run_id}"
+    attrs = group.attrs.asdict()
+    found = validate_attrs("run", attrs)
+    reasons.extend(f"{where}: {r}" for r in found)
+    if found:
+        return
+    if attrs["run_id"] != run_id:
+        reasons.append(f"{where}: run_id attribute {attrs['run_id']!r} does not match its path")
+    committed = attrs["committed_steps"]
+    present = set()
+    for kind in layout.VECTOR_SERIES:
+        if kind in group:
+            present.add(kind)
+            _check_series(group[kind], f"{where}/{kind}", committed.get(kind), reasons)
+    for kind in (layout.SCALARS, layout.PROBES):
+        if kind in group:
+            for name, child in group[kind].groups():
+                path = f"{kind}/{name}"
+                present.add(path)
+                _check_series(child, f"{where}/{path}", committed.get(path), reasons)
+    for path in sorted(set(committed) - present):
+        if committed[path]:
+            reasons.append(f"{where}: committed_steps names series {path!r}, which does not exist")
+    if layout.STATIC in group:
+        for name, array in group[layout.STATIC].arrays():
+            reasons.extend(
+                f"{where}/static/{name}: {r}"
+                for r in validate_attrs("static", array.attrs.asdict())
+            )
+            _dimension_names(array, f"{where}/static/{name}", reasons)
+
+
+def _walk_runs(group, prefix, reasons, depth=0) -> int:
+    count = 0
+    for name, child in sorted(group.groups()):
+        run_id = f"{prefix}{name}"
+        try:
+            layout.check_run_id(run_id)
+        except StoreError as exc:
+            reasons.append(f"runs/{run_id}: {exc}")
+            continue
+        if _node(child) == "run":
+            _check_run(child, run_id, reasons)
+            count += 1
+        elif depth < 32:
+            count += _walk_runs(child, f"{run_id}/", reasons, depth + 1)
+    return count
+
+
+def validate_store(url) -> tuple[list[str], int]:
+    """All reasons the store is invalid (empty when valid) and the number of runs checked."""
+    try:
+        root = open_root(url)
+    except StoreError as exc:
+        return [str(exc)], 0
+    reasons = [f"/: {r}" for r in validate_attrs("store", root.attrs.asdict())]
+    runs = 0
+    try:
+        if layout.RUNS in root:
+            runs = _walk_runs(root[layout.RUNS], "", reasons)
+        if layout.ANALYSES in root:
+            for name, child in root[layout.ANALYSES].groups():
+                reasons.extend(
+                    f"analyses/{name}: {r}"
+                    for r in validate_attrs("analysis", child.attrs.asdict())
+                )
+    except Exception as exc:  # unreadable metadata deep in the tree
+        reasons.append(f"store could not be read completely: {type(exc).__name__}: {exc}")
+    return reasons, runs
