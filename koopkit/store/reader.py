@@ -12,7 +12,41 @@ from ..errors import RunNotFoundError, SelectionError
 from . import layout
 from .location import open_root
 
-__all__ = ["open_store", "open_run", "TrajectoryStore", "RunInfo", "parse_where"]
+__all__ = ["open_store", "open_run", "TrajectoryStore", "RunInfo", "CommittedRows", "parse_where"]
+
+
+class CommittedRows:
+    """A stored array seen only up to its committed rows, read lazily by slicing.
+
+    Estimators stream it in column blocks, so nothing is loaded until they ask.
+    """
+
+    def __init__(self, array, rows: int):
+        self.array = array
+        self.shape = (int(rows), *array.shape[1:])
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+        self.chunks = array.chunks
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        if isinstance(first, slice):
+            first = slice(*first.indices(self.shape[0]))
+        elif isinstance(first, int | np.integer):
+            if not -self.shape[0] <= first < self.shape[0]:
+                raise IndexError(f"row {first} is outside the {self.shape[0]} committed rows")
+            first = int(first) % self.shape[0]
+        else:
+            raise TypeError("rows of a stored series are indexed by an int or a slice")
+        return self.array[(first, *rest)]
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[:]
+        return data if dtype is None else data.astype(dtype)
+
+    def __len__(self):
+        return self.shape[0]
 
 
 @dataclass(frozen=True)
@@ -125,14 +159,18 @@ class TrajectoryStore:
         """The committed rows of a series as a lazy dask array (steps, ...)."""
         import dask.array as da
 
+        view = self.trajectory(run_id, path)
+        return da.from_zarr(view.array)[: view.shape[0]]
+
+    def trajectory(self, run_id: str, path: str = layout.PARAMS) -> CommittedRows:
+        """The committed rows of a series as a lazily sliced array, for streaming estimators."""
         info = self.run(run_id)
         if path not in info.series:
             raise RunNotFoundError(
                 f"Run {run_id!r} has no series {path!r}; it has: {', '.join(info.series) or 'none'}."
             )
         value = self.root[f"{layout.run_path(run_id)}/{path}/value"]
-        rows = min(info.committed(path), value.shape[0])
-        return da.from_zarr(value)[:rows]
+        return CommittedRows(value, min(info.committed(path), value.shape[0]))
 
     def steps(self, run_id: str, path: str = layout.PARAMS) -> np.ndarray:
         """The optimizer step of each committed row of a series."""

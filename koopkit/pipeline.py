@@ -1,0 +1,318 @@
+"""Select runs -> estimate one spectrum per group -> distances -> significance tests.
+
+Runs are grouped by the value of a tag (the condition, ``by``) and optionally by a second
+tag (the replicate, e.g. ``seed``); all runs of one (condition, replicate) are fit jointly.
+The distance matrix among all spectra is computed once; each pair of conditions is then
+tested on its sub-matrix, and the pairwise p-values are Holm-corrected as one family.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InsufficientDataError, NonFiniteDataError, SelectionError
+from .multiple_testing import holm_matrix
+from .plugins import create, lookup
+from .results import Spectrum, TestResult
+
+__all__ = [
+    "Group",
+    "SpectrumResult",
+    "Comparison",
+    "group_runs",
+    "estimate_groups",
+    "compare_store",
+]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Runs fit jointly into one spectrum; ``condition``/``replicate`` are tag values or None."""
+
+    runs: tuple[str, ...]
+    tags: dict
+    condition: object = None
+    replicate: object = None
+
+
+@dataclass(frozen=True)
+class SpectrumResult:
+    group: Group
+    spectrum: Spectrum
+
+    def to_json(self) -> dict:
+        return {"runs": list(self.group.runs), "tags": self.group.tags, **self.spectrum.to_json()}
+
+
+def _label(value) -> str:
+    return str(value)
+
+
+def _common_tags(infos) -> dict:
+    common = dict(infos[0].tags)
+    for info in infos[1:]:
+        common = {k: v for k, v in common.items() if info.tags.get(k) == v}
+    return common
+
+
+def group_runs(store, where=None, by=(), replicate=None, series="params") -> list[Group]:
+    """Runs matching ``where`` that hold ``series``, grouped by the ``by`` tags (and replicate).
+
+    Without ``by`` every run is its own group.
+    """
+    infos = [info for info in store.select(where) if series in info.series]
+    if not infos:
+        shown = " ".join(f"{k}={v}" for k, v in (where or {}).items()) or "(no filter)"
+        raise SelectionError(
+            f"No run in {store.url!r} matches {shown} and holds series {series!r}."
+        )
+    if isinstance(by, str):
+        by = (by,)
+    keys = tuple(by) + ((replicate,) if replicate else ())
+    if not keys:
+        return [Group((i.run_id,), i.tags) for i in infos]
+    missing = [i.run_id for i in infos if any(k not in i.tags for k in keys)]
+    if missing:
+        raise SelectionError(
+            f"Runs {missing[:5]} have no tag {', '.join(repr(k) for k in keys)}; "
+            "tag every run or narrow the selection with --where."
+        )
+    buckets: dict[tuple, list] = {}
+    for info in infos:
+        buckets.setdefault(tuple(info.tags[k] for k in keys), []).append(info)
+    groups = []
+    for key in sorted(buckets, key=lambda k: tuple(map(_sort_key, k))):
+        members = buckets[key]
+        condition = key[0] if len(by) == 1 else (" ".join(map(str, key[: len(by)])) if by else None)
+        groups.append(
+            Group(
+                tuple(i.run_id for i in members),
+                _common_tags(members),
+                condition=condition,
+                replicate=key[-1] if replicate else None,
+            )
+        )
+    return groups
+
+
+def _sort_key(value):
+    return (
+        (0, value, "")
+        if isinstance(value, int | float) and not isinstance(value, bool)
+        else (1, 0, str(value))
+    )
+
+
+def _progress(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def estimate_groups(
+    store, groups, estimator="dmd", params=None, series="params", progress=False
+) -> list[SpectrumResult]:
+    """One spectrum per group, each from all the group's runs jointly."""
+    est = create("estimator", estimator, **(params or {}))
+    results = []
+    for i, group in enumerate(groups, 1):
+        _progress(f"[{i}/{len(groups)}] {estimator}: {', '.join(group.runs)}", progress)
+        trajectories = [store.trajectory(run_id, series) for run_id in group.runs]
+        spectrum = est.fit(trajectories)
+        if not np.all(np.isfinite(spectrum.eigenvalues)):
+            raise NonFiniteDataError(
+                f"Estimator {estimator!r} gave non-finite eigenvalues for runs {list(group.runs)}."
+            )
+        meta = {**spectrum.meta, "runs": list(group.runs)}
+        results.append(
+            SpectrumResult(
+                group,
+                Spectrum(
+                    spectrum.eigenvalues,
+                    spectrum.amplitudes,
+                    spectrum.residuals,
+                    spectrum.modes,
+                    meta,
+                ),
+            )
+        )
+    return results
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Distances between conditions and the significance of their differences.
+
+    ``distance_mean[i, j]`` is the mean distance over replicate pairs of conditions i and j
+    (the diagonal: over distinct replicate pairs within a condition), ``distance_std`` its
+    spread; ``p_value`` holds each pair's test, ``p_value_holm`` the Holm-corrected values.
+    """
+
+    conditions: list[str]
+    spectra: list[SpectrumResult]
+    distances: np.ndarray
+    distance_mean: np.ndarray
+    distance_std: np.ndarray
+    test_name: str | None
+    p_value: np.ndarray
+    p_value_holm: np.ndarray
+    tests: dict = field(default_factory=dict)
+    n_perm: int | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        matrix = lambda m: [[None if np.isnan(x) else float(x) for x in row] for row in m]  # noqa: E731
+        return {
+            "conditions": self.conditions,
+            "distance": {"mean": matrix(self.distance_mean), "std": matrix(self.distance_std)},
+            "test": {
+                "name": self.test_name,
+                "p_value": matrix(self.p_value),
+                "p_value_holm": matrix(self.p_value_holm),
+                "n_perm": self.n_perm,
+                "note": self.note,
+            },
+            "spectra": [
+                {
+                    "condition": r.group.condition,
+                    "replicate": r.group.replicate,
+                    "runs": list(r.group.runs),
+                    **r.spectrum.to_json(),
+                }
+                for r in self.spectra
+            ],
+        }
+
+
+def distance_matrix(spectra: list[Spectrum], metric: Callable) -> np.ndarray:
+    """Symmetric matrix of ``metric`` over every unordered pair, computed once each."""
+    n = len(spectra)
+    d = np.zeros((n, n))
+    for i, j in itertools.combinations(range(n), 2):
+        d[i, j] = d[j, i] = float(metric(spectra[i], spectra[j]))
+    return d
+
+
+def _summaries(d, labels, conditions):
+    k = len(conditions)
+    mean, std = np.full((k, k), np.nan), np.full((k, k), np.nan)
+    index = {c: np.flatnonzero(labels == c) for c in conditions}
+    for a, b in itertools.product(range(k), repeat=2):
+        ia, ib = index[conditions[a]], index[conditions[b]]
+        if a == b:
+            values = d[np.ix_(ia, ia)][np.triu_indices(len(ia), 1)]
+            if values.size == 0:
+                mean[a, a], std[a, a] = 0.0, 0.0
+                continue
+        else:
+            values = d[np.ix_(ia, ib)].ravel()
+        mean[a, b], std[a, b] = values.mean(), values.std()
+    return mean, std
+
+
+def run_tests(d, labels, conditions, test, metric, spectra):
+    """Each pair of conditions tested on its sub-matrix of ``d``; returns p-values and results."""
+    k = len(conditions)
+    p = np.full((k, k), np.nan)
+    results: dict[tuple[str, str], TestResult] = {}
+    for a, b in itertools.combinations(range(k), 2):
+        idx = np.flatnonzero((labels == conditions[a]) | (labels == conditions[b]))
+        sub_labels = [str(x) for x in labels[idx]]
+        if hasattr(test, "run_on_distances"):
+            result = test.run_on_distances(d[np.ix_(idx, idx)], sub_labels)
+        else:
+            groups = {
+                c: [spectra[i] for i in idx if labels[i] == c]
+                for c in (conditions[a], conditions[b])
+            }
+            result = test.run(groups, metric)
+        p[a, b] = p[b, a] = result.p_value
+        results[(conditions[a], conditions[b])] = result
+    return p, results
+
+
+def compare_spectra(
+    spectra: list[SpectrumResult],
+    metric="wasserstein",
+    metric_params=None,
+    test="permutation",
+    test_params=None,
+    replicated=True,
+) -> Comparison:
+    """Distances among all spectra once, then the test for each pair of conditions."""
+    labels = np.array([_label(r.group.condition) for r in spectra], dtype=object)
+    conditions = list(dict.fromkeys(labels.tolist()))
+    if len(conditions) < 2:
+        raise InsufficientDataError(
+            f"Expected at least 2 conditions to compare. Got {len(conditions)} ({', '.join(conditions)})."
+        )
+    metric_fn = create("metric", metric, **(metric_params or {}))
+    d = distance_matrix([r.spectrum for r in spectra], metric_fn)
+    mean, std = _summaries(d, labels, conditions)
+    nan = np.full_like(mean, np.nan)
+    if not test:
+        return Comparison(conditions, spectra, d, mean, std, None, nan, nan)
+    test_obj = create("test", test, **(test_params or {}))
+    try:
+        p, results = run_tests(
+            d, labels, conditions, test_obj, metric_fn, [r.spectrum for r in spectra]
+        )
+    except InsufficientDataError as exc:
+        if replicated:
+            raise
+        note = f"test {test!r} not run: {exc} Use --replicate TAG to estimate one spectrum per replicate."
+        return Comparison(conditions, spectra, d, mean, std, test, nan, nan, note=note)
+    n_perm = max((r.n_perm for r in results.values()), default=None)
+    return Comparison(conditions, spectra, d, mean, std, test, p, holm_matrix(p), results, n_perm)
+
+
+def compare_store(
+    store,
+    by: str,
+    replicate: str | None = None,
+    where=None,
+    estimator: str = "dmd",
+    estimator_params=None,
+    metric: str = "wasserstein",
+    metric_params=None,
+    test: str | None = "permutation",
+    test_params=None,
+    series: str = "params",
+    save: bool = True,
+    progress: bool = False,
+) -> Comparison:
+    """Group the runs of a store by ``by`` (and ``replicate``), estimate, compare and test.
+
+    ``store`` is a URL or an opened store. With ``save``, the result is written to the
+    store's ``analyses/`` with provenance.
+    """
+    from .store.reader import TrajectoryStore, open_store
+
+    for kind, name in (("estimator", estimator), ("metric", metric), ("test", test)):
+        if name:
+            lookup(kind, name)  # unknown names fail before any work
+    opened = store if isinstance(store, TrajectoryStore) else open_store(store)
+    groups = group_runs(opened, where, by, replicate, series)
+    spectra = estimate_groups(opened, groups, estimator, estimator_params, series, progress)
+    comparison = compare_spectra(
+        spectra, metric, metric_params, test, test_params, replicated=bool(replicate)
+    )
+    if save:
+        from .store.analyses import save_comparison
+
+        save_comparison(
+            opened.url,
+            comparison,
+            by=by,
+            replicate=replicate,
+            estimator=(estimator, estimator_params),
+            metric=(metric, metric_params),
+            test=(test, test_params),
+            store=opened,
+            series=series,
+        )
+    return comparison

@@ -1,0 +1,102 @@
+"""Figures: spectra in the complex plane, distance heatmaps with p-values, permutation nulls."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _unit_circle(ax):
+    theta = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(theta), np.sin(theta), color="0.6", lw=0.8, zorder=0)
+    ax.axhline(0, color="0.85", lw=0.5, zorder=0)
+    ax.axvline(0, color="0.85", lw=0.5, zorder=0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+
+
+def plot_spectra(labelled_spectra, path, title="Koopman eigenvalues", zoom=True):
+    """Eigenvalues per label (condition) with the unit circle; a zoomed panel near λ = 1."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11 if zoom else 5.5, 5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(label for label, _ in labelled_spectra))
+    for ax in axes[0]:
+        _unit_circle(ax)
+        for label, spectrum in labelled_spectra:
+            color = colors[labels.index(label) % len(colors)]
+            z = spectrum.eigenvalues
+            ax.scatter(z.real, z.imag, s=18, color=color, alpha=0.7, label=str(label))
+    handles, names = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(names, handles, strict=True))
+    axes[0][0].legend(unique.values(), unique.keys(), title="condition", fontsize=8)
+    axes[0][0].set_title(title)
+    if zoom:
+        z = np.concatenate([s.eigenvalues for _, s in labelled_spectra])
+        near = z[np.abs(z - 1) < 0.5] if np.any(np.abs(z - 1) < 0.5) else z
+        pad = max(1e-3, 0.1 * float(np.ptp(near.real) + np.ptp(near.imag)))
+        axes[0][1].set_xlim(near.real.min() - pad, near.real.max() + pad)
+        axes[0][1].set_ylim(near.imag.min() - pad, near.imag.max() + pad)
+        axes[0][1].set_aspect("auto")
+        axes[0][1].set_title("zoom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_comparison(comparison, path):
+    """Spectra per condition, the distance heatmap annotated with Holm p-values, and a null."""
+    plt = _pyplot()
+    has_null = any(r.null.size for r in comparison.tests.values())
+    fig, axes = plt.subplots(1, 3 if has_null else 2, figsize=(16 if has_null else 11, 5))
+    ax = axes[0]
+    _unit_circle(ax)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, condition in enumerate(comparison.conditions):
+        z = np.concatenate(
+            [
+                r.spectrum.eigenvalues
+                for r in comparison.spectra
+                if str(r.group.condition) == condition
+            ]
+        )
+        ax.scatter(z.real, z.imag, s=14, alpha=0.6, color=colors[k % len(colors)], label=condition)
+    ax.legend(title="condition", fontsize=8)
+    ax.set_title("Koopman eigenvalues")
+
+    ax = axes[1]
+    mean = comparison.distance_mean
+    image = ax.imshow(mean, cmap="viridis")
+    fig.colorbar(image, ax=ax, label="mean Wasserstein distance")
+    ticks = range(len(comparison.conditions))
+    ax.set_xticks(ticks, comparison.conditions, rotation=45, ha="right")
+    ax.set_yticks(ticks, comparison.conditions)
+    for i in ticks:
+        for j in ticks:
+            text = f"{mean[i, j]:.3g}"
+            p = comparison.p_value_holm[i, j]
+            if not np.isnan(p):
+                text += f"\np={p:.3g}"
+            ax.text(j, i, text, ha="center", va="center", color="w", fontsize=8)
+    ax.set_title("distances (Holm p-values)")
+
+    if has_null:
+        ax = axes[2]
+        (a, b), result = max(comparison.tests.items(), key=lambda kv: kv[1].statistic)
+        ax.hist(result.null, bins=40, color="0.6")
+        ax.axvline(result.statistic, color="C3", lw=2, label=f"observed ({result.statistic:.3g})")
+        ax.set_title(f"null, {a} vs {b} (p={result.p_value:.3g})")
+        ax.set_xlabel("between − within distance")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,13 @@
+"""Checks of the tests' parameters."""
+
+from numbers import Integral
+
+from koopkit.errors import EstimationError
+
+__all__ = ["check_positive_int"]
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raise unless ``value`` is a positive integer (``bool`` is not one)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise EstimationError(f"Invalid {name} {value!r}; expected a positive integer.")
