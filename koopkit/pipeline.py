@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InsufficientDataError, NonFiniteDataError, SelectionError
+from .errors import (
+    InsufficientDataError,
+    KoopkitError,
+    NonFiniteDataError,
+    PluginError,
+    SelectionError,
+)
 from .multiple_testing import holm_matrix
 from .plugins import create, lookup
 from .results import Spectrum, TestResult
@@ -122,7 +128,16 @@ def estimate_groups(
     for i, group in enumerate(groups, 1):
         _progress(f"[{i}/{len(groups)}] {estimator}: {', '.join(group.runs)}", progress)
         trajectories = [store.trajectory(run_id, series) for run_id in group.runs]
-        spectrum = est.fit(trajectories)
+        try:
+            spectrum = est.fit(trajectories)
+        except KoopkitError:
+            raise
+        except Exception as exc:
+            entry = lookup("estimator", estimator)
+            raise PluginError(
+                f"Estimator {estimator!r} (plugin {entry.plugin!r}) failed on runs {list(group.runs)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         if not np.all(np.isfinite(spectrum.eigenvalues)):
             raise NonFiniteDataError(
                 f"Estimator {estimator!r} gave non-finite eigenvalues for runs {list(group.runs)}."

@@ -92,7 +92,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
         try:
             module = ep.load()
             pm.register(module, name=ep.name)
+            pm.check_pending()  # a misspelt hook is this plugin's fault, caught here
         except Exception as exc:  # a broken third-party plugin must not break the CLI
+            if pm.get_plugin(ep.name) is not None:
+                pm.unregister(name=ep.name)
             warnings.warn(
                 f"Plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
                 f"{type(exc).__name__}: {exc}",
@@ -101,7 +104,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
             )
             continue
         _DISTRIBUTIONS[ep.name] = ep.dist
-    pm.check_pending()
     return pm
 
 
@@ -120,7 +122,7 @@ def registry(kind: str) -> dict[str, Entry]:
     pm = get_plugin_manager()
     hook = getattr(pm.hook, _HOOK_OF_KIND[kind])
     entries: dict[str, Entry] = {}
-    for impl in reversed(hook.get_hookimpls()):  # registration order
+    for impl in hook.get_hookimpls():  # registration order
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
         package, version = _distribution(plugin_name)
 

@@ -25,7 +25,13 @@ class KoopkitGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+        except (
+            click.exceptions.Exit,
+            click.ClickException,
+            click.Abort,
+            SystemExit,
+            BrokenPipeError,
+        ):
             raise
         except Exception as exc:
             if ctx.meta.get("koopkit.debug") or os.environ.get("KOOPKIT_DEBUG"):
@@ -65,4 +71,9 @@ _register_commands()
 
 
 def main():
-    cli(prog_name="koopkit")
+    try:
+        cli(prog_name="koopkit")
+    except BrokenPipeError:
+        # The reader of our output went away (``koopkit plugins | head``): exit quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Reproductions of published experiments, built on the public API (used by ``koopkit demo``)."""
