@@ -1,0 +1,114 @@
+"""A stable small factor ``R`` of the snapshots, ``Z^T = Q R``, for when the Gram is not enough.
+
+``G = Z Z^T`` squares the condition number: singular values below about ``sqrt(eps)`` times
+the largest are rounding noise in ``G``. Delay-embedded optimizer iterates reach 1e-8, so
+when a kept Gram eigenvalue falls that low (:func:`gram_accuracy_lost`) the estimators switch
+to ``R``, whose singular values and exact DMD equal those of ``Z`` to ``eps`` relative to the
+largest, like a direct SVD. ``Q`` is never formed, only block by block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .blocks import DEFAULT_BLOCK_BYTES, Trajectories
+from .gram import streamed_gram
+
+__all__ = [
+    "GRAM_RELATIVE_ACCURACY",
+    "gram_accuracy_lost",
+    "cholesky_qr",
+    "tsqr",
+    "center_factor",
+]
+
+GRAM_RELATIVE_ACCURACY = 1e3 * np.finfo(np.float64).eps
+"""Gram eigenvalues below this times the Gram's scale carry too few correct digits."""
+
+
+def gram_accuracy_lost(singular_values: np.ndarray, gram_scale: float) -> bool:
+    """True when the smallest kept singular value squared is Gram rounding noise.
+
+    ``gram_scale`` bounds the largest eigenvalue of the Gram the values came from (its
+    Frobenius norm, uncentered: centering ``P G P`` cancels digits of the uncentered ``G``).
+    """
+    return bool(singular_values[-1] ** 2 < GRAM_RELATIVE_ACCURACY * gram_scale)
+
+
+def cholesky_qr(
+    trajectories: Trajectories,
+    gram: np.ndarray,
+    *,
+    device=None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> np.ndarray:
+    """Upper-triangular ``R`` (T x T) with ``Z^T = Q R`` by shifted CholeskyQR3.
+
+    Three Cholesky steps, each on a Gram computed at GEMM speed: the first on ``G`` (already
+    streamed) plus a shift ``s = 11 (n T + T (T + 1)) eps ||Z||_F^2`` that makes it succeed for
+    condition numbers up to ``1/eps``; then two passes of CholeskyQR on ``Q_i = Z^T R_i^{-1}``
+    restore orthogonality [1]_. When the snapshots are linearly dependent, ``Z^T R^{-1}`` has
+    no orthonormal columns to find; a Cholesky step fails and :func:`tsqr` is used instead.
+
+    References
+    ----------
+    .. [1] T. Fukaya, R. Kannan, Y. Nakatsukasa, Y. Yamamoto, Y. Yanagisawa, "Shifted
+       Cholesky QR for computing the QR factorization of ill-conditioned matrices",
+       SIAM J. Sci. Comput. 42(1), A477-A503, 2020.
+    """
+    steps, features = gram.shape[0], trajectories.features
+    shift = 11 * (features * steps + steps * (steps + 1)) * np.finfo(np.float64).eps
+    factor = _upper_cholesky(gram + shift * np.trace(gram) * np.eye(steps))
+    try:
+        for _ in range(2):
+            gram_q = streamed_gram(
+                trajectories, triangular=factor, device=device, block_bytes=block_bytes
+            )
+            factor = _upper_cholesky(gram_q) @ factor
+    except np.linalg.LinAlgError:
+        return tsqr(trajectories, device=device, block_bytes=block_bytes)
+    return factor
+
+
+def tsqr(
+    trajectories: Trajectories, *, device=None, block_bytes: int = DEFAULT_BLOCK_BYTES
+) -> np.ndarray:
+    """``R`` of ``Z^T = Q R`` by Householder QR of ``[R; Z_block^T]``, block after block.
+
+    One pass, unconditionally stable and fine with rank deficiency, at LAPACK-QR speed
+    rather than GEMM speed. Returns ``min(features, T)`` rows.
+    """
+    factor = None
+    for _, block in trajectories.blocks(block_bytes=block_bytes, device=device):
+        stacked = block.T if factor is None else _vstack(factor, block.T)
+        factor = _triangular_factor(stacked)
+    return factor if device is None else factor.cpu().numpy()
+
+
+def center_factor(factor: np.ndarray) -> np.ndarray:
+    """The factor of the snapshots minus their per-feature mean: ``F P`` for ``Z^T = Q F``.
+
+    ``Z_c^T = Z^T P`` with ``P = I - 1 1^T / T``, so subtracting each row's mean from ``F``
+    centers the data exactly, with no pass over it.
+    """
+    return factor - factor.mean(axis=1, keepdims=True)
+
+
+def _upper_cholesky(gram: np.ndarray) -> np.ndarray:
+    return np.linalg.cholesky(gram).T
+
+
+def _vstack(top, bottom):
+    if isinstance(top, np.ndarray):
+        return np.vstack([top, bottom])
+    import torch
+
+    return torch.cat([top, bottom])
+
+
+def _triangular_factor(matrix):
+    if isinstance(matrix, np.ndarray):
+        return np.linalg.qr(matrix, mode="r")
+    import torch
+
+    return torch.linalg.qr(matrix, mode="r")[1]

@@ -1,0 +1,275 @@
+"""Importers: .npy arrays and folders of torch state dicts become runs, or nothing at all."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import koopkit
+from koopkit.errors import (
+    ImportFailedError,
+    InvalidRunIdError,
+    KoopkitError,
+    RunExistsError,
+    ShapeChangedError,
+)
+from koopkit.store.importers import import_npy, import_torch
+from koopkit.store.validate import validate_store
+
+
+class WritesMarker:
+    """Unpickling this runs code: it creates the file named by ``MARKER``."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def _runs(url):
+    try:
+        return list(koopkit.open_store(url).runs)
+    except KoopkitError:
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# .npy
+
+
+@pytest.mark.parametrize(
+    "dtype, stored", [("float32", "float32"), ("float64", "float64"), ("int16", "float32")]
+)
+def test_import_npy_round_trip(tmp_path, dtype, stored):
+    data = (np.random.default_rng(0).standard_normal((150, 7)) * 100).astype(dtype)
+    np.save(tmp_path / "x.npy", data)
+    url = tmp_path / "s.zarr"
+    assert import_npy(tmp_path / "x.npy", url, "imported/a", tags={"width": 7, "opt": "sgd"}) == 150
+    store = koopkit.open_store(url)
+    info = store.run("imported/a")
+    assert info.status == "complete" and info.tags == {"width": 7, "opt": "sgd"}
+    assert info.attrs["source"]["kind"] == "npy"
+    assert store.steps("imported/a").tolist() == list(range(150))
+    values = np.asarray(store.array("imported/a"))
+    assert values.dtype == np.dtype(stored)
+    np.testing.assert_array_equal(values, data.astype(stored))
+    attrs = store.root["runs/imported/a/params"].attrs.asdict()
+    assert attrs["kind"] == "full"
+    assert attrs["tensors"] == [{"name": "x", "offset": 0, "shape": [7], "dtype": dtype}]
+    assert validate_store(url) == ([], 1)
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        (np.arange(5.0), "2-D"),
+        (np.zeros((0, 3)), "non-empty"),
+        (np.zeros((2, 2, 2)), "2-D"),
+        (np.array([["a", "b"]]), "numeric"),
+        (np.ones((3, 2), dtype=complex), "numeric"),
+    ],
+    ids=["1-D", "empty", "3-D", "strings", "complex"],
+)
+def test_import_npy_refuses_what_is_not_a_trajectory(tmp_path, array, match):
+    np.save(tmp_path / "x.npy", array)
+    with pytest.raises(ImportFailedError, match=match):
+        import_npy(tmp_path / "x.npy", tmp_path / "s.zarr", "a")
+    assert _runs(tmp_path / "s.zarr") == []
+
+
+def test_import_npy_refuses_object_arrays_without_unpickling(tmp_path):
+    WritesMarker.marker = str(tmp_path / "pwned")
+    np.save(tmp_path / "x.npy", np.array([[WritesMarker()]], dtype=object), allow_pickle=True)
+    with pytest.raises(ImportFailedError, match="object"):
+        import_npy(tmp_path / "x.npy", tmp_path / "s.zarr", "a")
+    assert not (tmp_path / "pwned").exists()
+    assert _runs(tmp_path / "s.zarr") == []
+
+
+def test_import_npy_missing_or_garbage_file(tmp_path):
+    with pytest.raises(ImportFailedError, match="No such file"):
+        import_npy(tmp_path / "missing.npy", tmp_path / "s.zarr", "a")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(ImportFailedError, match="junk.npy"):
+        import_npy(tmp_path / "junk.npy", tmp_path / "s.zarr", "a")
+
+
+@pytest.mark.parametrize("run_id", ["..", "../outside", "/abs", "a/../../b", "a\x00b", "a b"])
+def test_importers_refuse_invalid_run_ids(tmp_path, run_id):
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    (tmp_path / "ckpts").mkdir()
+    torch.save({"w": torch.ones(2)}, tmp_path / "ckpts" / "step_1.pt")
+    url = tmp_path / "deep" / "s.zarr"
+    with pytest.raises(InvalidRunIdError):
+        import_npy(tmp_path / "x.npy", url, run_id)
+    with pytest.raises(InvalidRunIdError):
+        import_torch(tmp_path / "ckpts", url, run_id)
+    assert _runs(url) == []
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "deep" / "outside").exists()
+
+
+def test_import_into_an_existing_run_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    np.save(tmp_path / "y.npy", np.zeros((4, 2)))
+    url = tmp_path / "s.zarr"
+    import_npy(tmp_path / "x.npy", url, "a")
+    with pytest.raises(RunExistsError):
+        import_npy(tmp_path / "y.npy", url, "a")
+    np.testing.assert_array_equal(np.asarray(koopkit.open_store(url).array("a")), np.ones((3, 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# torch checkpoints
+
+
+def _checkpoints(folder, steps, shapes=None, wrap=None, dtype=torch.float32, name="ckpt_{}.pt"):
+    folder.mkdir(exist_ok=True)
+    shapes = shapes or {}
+    states = {}
+    g = torch.Generator().manual_seed(0)
+    for step in steps:
+        state = {
+            "layer.weight": torch.randn(*shapes.get(step, (3, 2)), generator=g).to(dtype),
+            "layer.bias": torch.randn(3, generator=g).to(dtype),
+            "bn.num_batches_tracked": torch.tensor(step),
+        }
+        states[step] = state
+        obj = state if wrap is None else wrap(state, step)
+        torch.save(obj, folder / name.format(step))
+    return states
+
+
+def _flat(state, names=("layer.weight", "layer.bias")):
+    return torch.cat([state[n].reshape(-1).float() for n in names]).numpy()
+
+
+def test_import_torch_round_trip(tmp_path):
+    steps = [0, 1, 2, 5, 10, 20, 40]
+    states = _checkpoints(tmp_path / "ckpts", steps)
+    url = tmp_path / "s.zarr"
+    assert import_torch(tmp_path / "ckpts", url, "torch/run", tags={"seed": 3}) == len(steps)
+    store = koopkit.open_store(url)
+    assert store.steps("torch/run").tolist() == steps  # numeric order, not file-name order
+    np.testing.assert_array_equal(
+        np.asarray(store.array("torch/run")), np.stack([_flat(states[s]) for s in steps])
+    )
+    attrs = store.root["runs/torch/run/params"].attrs.asdict()
+    assert [t["name"] for t in attrs["tensors"]] == ["layer.weight", "layer.bias"]
+    assert attrs["tensors"][0]["shape"] == [3, 2]
+    assert store.run("torch/run").tags == {"seed": 3}
+    tree = koopkit.open_run(url, "torch/run")
+    np.testing.assert_array_equal(
+        tree.koopkit.tensor("layer.weight").values,
+        np.stack([states[s]["layer.weight"] for s in steps]),
+    )
+    assert validate_store(url) == ([], 1)
+
+
+def test_import_torch_many_checkpoints_cross_a_chunk(tmp_path):
+    steps = list(range(0, 140, 2))
+    states = _checkpoints(tmp_path / "ckpts", steps)
+    url = tmp_path / "s.zarr"
+    import_torch(tmp_path / "ckpts", url, "a")
+    np.testing.assert_array_equal(
+        np.asarray(koopkit.open_store(url).array("a")), np.stack([_flat(states[s]) for s in steps])
+    )
+    assert validate_store(url)[0] == []
+
+
+def test_import_torch_step_entries_nesting_regex_and_half_precision(tmp_path):
+    states = _checkpoints(
+        tmp_path / "ckpts",
+        [3, 1, 2],
+        wrap=lambda state, step: {"model": state, "global_step": step * 100, "epoch": 1},
+        dtype=torch.bfloat16,
+        name="epoch_{}.pth",
+    )
+    url = tmp_path / "s.zarr"
+    import_torch(tmp_path / "ckpts", url, "a", params=r"\.bias$")
+    store = koopkit.open_store(url)
+    assert store.steps("a").tolist() == [100, 200, 300]
+    values = np.asarray(store.array("a"))
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(
+        values, np.stack([_flat(states[s], ["layer.bias"]) for s in (1, 2, 3)])
+    )
+    attrs = store.root["runs/a/params"].attrs.asdict()
+    assert attrs["kind"] == "subset"
+    assert attrs["tensors"] == [
+        {"name": "layer.bias", "offset": 0, "shape": [3], "dtype": "bfloat16"}
+    ]
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_import_torch_refuses_a_checkpoint_that_would_run_code(tmp_path, how):
+    folder = tmp_path / "ckpts"
+    _checkpoints(folder, [0, 1])
+    WritesMarker.marker = str(tmp_path / "pwned")
+    evil = {"layer.weight": torch.zeros(3, 2), "layer.bias": torch.zeros(3), "x": WritesMarker()}
+    if how == "torch.save":
+        torch.save(evil, folder / "ckpt_2.pt")
+    else:
+        with open(folder / "ckpt_2.pt", "wb") as f:
+            pickle.dump(evil, f)
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match="weights_only") as caught:
+        import_torch(folder, url, "a")
+    assert "ckpt_2.pt" in str(caught.value)
+    assert not (tmp_path / "pwned").exists()
+    assert _runs(url) == []
+
+
+def test_import_torch_mismatched_shapes_leave_nothing(tmp_path):
+    _checkpoints(tmp_path / "ckpts", [0, 1, 2, 3], shapes={2: (4, 2)})
+    url = tmp_path / "s.zarr"
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    import_npy(tmp_path / "x.npy", url, "kept")
+    with pytest.raises(ShapeChangedError, match="layer.weight"):
+        import_torch(tmp_path / "ckpts", url, "nested/a")
+    assert _runs(url) == ["kept"]
+    assert not (url / "runs" / "nested" / "a").exists()
+    assert validate_store(url) == ([], 1)
+
+
+def test_import_torch_missing_tensor_in_a_later_checkpoint(tmp_path):
+    states = _checkpoints(tmp_path / "ckpts", [0, 1])
+    del states[1]["layer.bias"]
+    torch.save(states[1], tmp_path / "ckpts" / "ckpt_1.pt")
+    with pytest.raises(ShapeChangedError, match="layer.bias"):
+        import_torch(tmp_path / "ckpts", tmp_path / "s.zarr", "a")
+    assert _runs(tmp_path / "s.zarr") == []
+
+
+def test_import_torch_refusals(tmp_path):
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match="folder"):
+        import_torch(tmp_path / "missing", url, "a")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no checkpoints")
+    with pytest.raises(ImportFailedError, match="No checkpoints"):
+        import_torch(tmp_path / "empty", url, "a")
+    _checkpoints(tmp_path / "dup", [1], name="a_{}.pt")
+    _checkpoints(tmp_path / "dup", [1], name="b_{}.pt")
+    with pytest.raises(ImportFailedError, match="share a step"):
+        import_torch(tmp_path / "dup", url, "a")
+    (tmp_path / "nostep2").mkdir()
+    torch.save({"w": torch.ones(2)}, tmp_path / "nostep2" / "final.pt")
+    with pytest.raises(ImportFailedError, match="step"):
+        import_torch(tmp_path / "nostep2", url, "a")
+    (tmp_path / "notensors").mkdir()
+    torch.save({"lr": 0.1, "step": 3}, tmp_path / "notensors" / "ckpt_3.pt")
+    with pytest.raises(ImportFailedError, match="no tensors"):
+        import_torch(tmp_path / "notensors", url, "a")
+    _checkpoints(tmp_path / "ok", [0, 1])
+    with pytest.raises(ImportFailedError, match="matches"):
+        import_torch(tmp_path / "ok", url, "a", params="^nothing$")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "ckpt_1.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ImportFailedError, match="ckpt_1.pt"):
+        import_torch(tmp_path / "junk", url, "a")
+    assert _runs(url) == []

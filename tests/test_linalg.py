@@ -1,0 +1,301 @@
+"""Shared numerics: streamed Gram and factors, delays, rank rules, input checks."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from koopkit.errors import EstimationError, InsufficientDataError, NonFiniteDataError
+from koopkit.linalg import (
+    GRAM_RELATIVE_ACCURACY,
+    Trajectories,
+    center_factor,
+    center_gram,
+    check_rank_rule,
+    cholesky_qr,
+    gram_factor,
+    hankel_factor,
+    hankel_gram,
+    select_rank,
+    streamed_gram,
+    streamed_product,
+    tsqr,
+)
+from koopkit.linalg import factor as factor_module
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20240611)
+
+
+def stacked(trajectories):
+    return np.vstack([np.asarray(t, dtype=np.float64) for t in trajectories])
+
+
+def random_trajectories(rng, lengths=(9, 7, 11), features=23, dtype=np.float64):
+    return [rng.standard_normal((n, features)).astype(dtype) for n in lengths]
+
+
+def explicit_hankel(trajectory, delays):
+    steps = trajectory.shape[0]
+    return np.hstack([trajectory[d : steps - delays + d] for d in range(delays + 1)])
+
+
+# -- input checks --------------------------------------------------------------------------
+
+
+def test_single_array_is_one_trajectory():
+    trajectories = Trajectories.from_input(np.zeros((5, 3)))
+    assert trajectories.lengths == (5,)
+    assert trajectories.features == 3
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        ([], InsufficientDataError, r"Expected at least 1 trajectory\. Got 0 instead\."),
+        ([np.zeros(4)], EstimationError, r"Expected trajectory 0 to be 2-D .* Got shape \(4,\)"),
+        (
+            [np.zeros((4, 3)), np.zeros((4, 5))],
+            EstimationError,
+            r"Expected 3 features in trajectory 1, as in trajectory 0\. Got 5 instead\.",
+        ),
+        (
+            [np.zeros((4, 3), dtype=complex)],
+            EstimationError,
+            r"Expected real numbers in trajectory 0\. Got dtype complex128 instead\.",
+        ),
+    ],
+)
+def test_invalid_trajectories(data, error, match):
+    with pytest.raises(error, match=match):
+        Trajectories.from_input(data)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "unit"),
+    [
+        ([np.zeros((3, 2))], np.finfo(np.float64).eps),
+        ([np.zeros((3, 2)), np.zeros((3, 2), np.float32)], np.finfo(np.float32).eps),
+        ([np.zeros((3, 2), np.int64)], np.finfo(np.float64).eps),
+        ([torch.zeros((3, 2), dtype=torch.float16)], np.finfo(np.float16).eps),
+    ],
+)
+def test_rounding_unit_is_the_coarsest_input_precision(arrays, unit):
+    assert Trajectories.from_input(arrays).rounding_unit == pytest.approx(unit)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_data_names_the_trajectory(rng, bad):
+    data = random_trajectories(rng)
+    data[2][3, 17] = bad
+    trajectories = Trajectories.from_input(data)
+    with pytest.raises(NonFiniteDataError, match=r"Expected finite values in trajectory 2\."):
+        streamed_gram(trajectories, block_bytes=27 * 8 * 5)
+
+
+def test_blocks_align_to_storage_chunks(rng):
+    array = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=(20, 100), chunks=(7, 13), dtype="f8"
+    )
+    trajectories = Trajectories.from_input([array])
+    assert trajectories.block_width(20 * 8 * 30) == 26  # two whole chunks
+    assert trajectories.block_width(20 * 8 * 5) == 5
+    assert Trajectories.from_input([np.zeros((20, 100))]).block_width(20 * 8 * 30) == 30
+
+
+# -- Gram, products, factors ---------------------------------------------------------------
+
+
+def as_zarr(array, chunks=(7, 13)):
+    stored = zarr.create_array(
+        zarr.storage.MemoryStore(), shape=array.shape, chunks=chunks, dtype=array.dtype
+    )
+    stored[:] = array
+    return stored
+
+
+@pytest.mark.parametrize(
+    "container",
+    [
+        np.asarray,
+        as_zarr,
+        lambda a: da.from_array(a, chunks=(7, 13)),
+        torch.from_numpy,
+    ],
+    ids=["numpy", "zarr", "dask", "torch"],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_streamed_gram_of_every_container(rng, container, dtype):
+    data = random_trajectories(rng, dtype=dtype)
+    expected = stacked(data) @ stacked(data).T
+    trajectories = Trajectories.from_input([container(t) for t in data])
+    gram = streamed_gram(trajectories, block_bytes=27 * 8 * 6)
+    np.testing.assert_allclose(gram, expected, rtol=1e-13, atol=1e-12)
+
+
+def test_streamed_gram_of_a_memmap(rng, tmp_path):
+    data = random_trajectories(rng, lengths=(12,), dtype=np.float32)[0]
+    mapped = np.lib.format.open_memmap(
+        tmp_path / "z.npy", mode="w+", dtype=np.float32, shape=data.shape
+    )
+    mapped[:] = data
+    gram = streamed_gram(Trajectories.from_input(mapped), block_bytes=12 * 8 * 5)
+    np.testing.assert_allclose(gram, stacked([data]) @ stacked([data]).T, rtol=1e-13)
+
+
+def test_streamed_gram_on_torch_cpu_matches_numpy(rng):
+    trajectories = Trajectories.from_input(random_trajectories(rng))
+    np.testing.assert_allclose(
+        streamed_gram(trajectories, device="cpu", block_bytes=27 * 8 * 5),
+        streamed_gram(trajectories),
+        rtol=1e-13,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_gram_on_cuda_matches_numpy(rng):
+    trajectories = Trajectories.from_input(random_trajectories(rng, dtype=np.float32))
+    np.testing.assert_allclose(
+        streamed_gram(trajectories, device="cuda", block_bytes=27 * 8 * 5),
+        streamed_gram(trajectories),
+        rtol=1e-12,
+    )
+
+
+def test_streamed_gram_of_a_cholesky_qr_pass(rng):
+    data = random_trajectories(rng)
+    z = stacked(data)
+    triangular = np.linalg.cholesky(z @ z.T + np.eye(z.shape[0])).T
+    q = np.linalg.solve(triangular.T, z).T  # Z^T R^{-1}
+    gram = streamed_gram(Trajectories.from_input(data), triangular=triangular, block_bytes=500)
+    np.testing.assert_allclose(gram, q.T @ q, atol=1e-12)
+
+
+def test_streamed_product(rng):
+    data = random_trajectories(rng)
+    right = rng.standard_normal((27, 4))
+    trajectories = Trajectories.from_input(data)
+    expected = stacked(data).T @ right
+    np.testing.assert_allclose(streamed_product(trajectories, right, block_bytes=500), expected)
+    np.testing.assert_allclose(
+        streamed_product(trajectories, right, device="cpu", block_bytes=500), expected
+    )
+
+
+def test_gram_factor_squares_to_the_gram(rng):
+    z = rng.standard_normal((12, 40))
+    factor = gram_factor(z @ z.T)
+    np.testing.assert_allclose(factor.T @ factor, z @ z.T, atol=1e-12)
+    assert np.linalg.norm(factor[0]) ** 2 == pytest.approx(np.linalg.eigvalsh(z @ z.T)[-1])
+
+
+def test_centering_without_the_data_equals_centering_the_data(rng):
+    z = rng.standard_normal((15, 30)) + 5.0
+    centered = z - z.mean(axis=0)
+    np.testing.assert_allclose(center_gram(z @ z.T), centered @ centered.T, atol=1e-10)
+    np.testing.assert_allclose(center_factor(z.T), centered.T, atol=1e-14)
+
+
+def ill_conditioned(rng, features=600, steps=50, smallest=1e-12):
+    left = np.linalg.qr(rng.standard_normal((features, steps)))[0]
+    right = np.linalg.qr(rng.standard_normal((steps, steps)))[0]
+    return (left * np.logspace(0, np.log10(smallest), steps) @ right.T).T  # (steps, features)
+
+
+def test_cholesky_qr_keeps_the_singular_values_the_gram_loses(rng):
+    z = ill_conditioned(rng)
+    trajectories = Trajectories.from_input(z)
+    gram = streamed_gram(trajectories)
+    exact = np.linalg.svd(z, compute_uv=False)
+    from_gram = np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1], 0, None))
+    from_qr = np.linalg.svd(
+        cholesky_qr(trajectories, gram, block_bytes=50 * 8 * 64), compute_uv=False
+    )
+    assert np.abs(from_gram - exact).max() > 1e-9  # rounding noise at sqrt(eps)
+    np.testing.assert_allclose(from_qr, exact, rtol=0, atol=1e-15)
+    assert exact[-1] ** 2 < GRAM_RELATIVE_ACCURACY * np.linalg.norm(gram)
+
+
+def test_rank_deficient_data_falls_back_to_tsqr(rng, monkeypatch):
+    z = rng.standard_normal((40, 5)) @ rng.standard_normal((5, 300))  # rank 5 < 40 snapshots
+    trajectories = Trajectories.from_input(z)
+    calls = []
+    monkeypatch.setattr(factor_module, "tsqr", lambda *a, **k: calls.append(1) or tsqr(*a, **k))
+    factor = cholesky_qr(trajectories, streamed_gram(trajectories), block_bytes=40 * 8 * 64)
+    assert calls
+    np.testing.assert_allclose(
+        np.linalg.svd(factor, compute_uv=False),
+        np.linalg.svd(z, compute_uv=False),
+        rtol=0,
+        atol=1e-12 * np.linalg.norm(z, 2),
+    )
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_tsqr_is_the_r_of_a_qr(rng, device):
+    z = rng.standard_normal((30, 200))
+    factor = tsqr(Trajectories.from_input(z), device=device, block_bytes=30 * 8 * 40)
+    assert np.allclose(np.tril(factor, -1), 0)
+    np.testing.assert_allclose(factor.T @ factor, z @ z.T, atol=1e-10)
+
+
+# -- delays ---------------------------------------------------------------------------------
+
+
+def test_hankel_gram_and_factor_equal_the_explicit_embedding(rng):
+    data = random_trajectories(rng)
+    lengths = [t.shape[0] for t in data]
+    embedded = np.vstack([explicit_hankel(t, 3) for t in data])
+    z = stacked(data)
+    np.testing.assert_allclose(hankel_gram(z @ z.T, lengths, 3), embedded @ embedded.T, atol=1e-12)
+    factor = hankel_factor(z.T, lengths, 3)
+    np.testing.assert_allclose(factor, embedded.T)  # the data is its own factor
+
+
+# -- rank rules ----------------------------------------------------------------------------
+
+
+def noisy_low_rank(rng, shape=(80, 50), rank=4, noise=0.05):
+    signal = rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
+    return signal + noise * rng.standard_normal(shape)
+
+
+@pytest.mark.parametrize("rule", [3, 0.5, 0.9, 0.999, "gd"])
+def test_rank_rules_agree_with_pydmd(rng, rule):
+    from pydmd.utils import compute_rank
+
+    data = noisy_low_rank(rng)
+    s = np.linalg.svd(data, compute_uv=False)
+    assert select_rank(s, rule, data.shape) == compute_rank(data, 0 if rule == "gd" else rule)
+
+
+def test_gavish_donoho_finds_the_signal_rank(rng):
+    data = noisy_low_rank(rng)
+    assert select_rank(np.linalg.svd(data, compute_uv=False), "gd", data.shape) == 4
+
+
+def test_full_rank_rule_is_the_numerical_rank(rng):
+    data = rng.standard_normal((60, 7)) @ rng.standard_normal((7, 40))
+    s = np.linalg.svd(data, compute_uv=False)
+    assert select_rank(s, None, data.shape) == np.linalg.matrix_rank(data) == 7
+
+
+def test_full_rank_rule_follows_the_datas_precision(rng):
+    data = (rng.standard_normal((60, 7)) @ rng.standard_normal((7, 40))).astype(np.float32)
+    s = np.linalg.svd(data.astype(np.float64), compute_uv=False)
+    assert select_rank(s, None, data.shape) > 7  # float32 rounding read as signal
+    assert select_rank(s, None, data.shape, rounding_unit=np.finfo(np.float32).eps) == 7
+
+
+def test_fixed_rank_is_capped_by_the_singular_values():
+    assert select_rank(np.array([3.0, 2.0, 1.0]), 10, (3, 8)) == 3
+
+
+@pytest.mark.parametrize("rule", [0, -2, 1.0, 1.5, 0.0, True, "svht", [3]])
+def test_invalid_rank_rules(rule):
+    with pytest.raises(EstimationError, match=r"Expected rank to be a positive int, a float"):
+        check_rank_rule(rule)

@@ -1,0 +1,1112 @@
+"""The Recorder: what it stores is exactly what the model held, at the steps asked for.
+
+Also the pieces it is built from: schedules, sketches, back-pressure and write failures.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import koopkit
+from koopkit.errors import (
+    InvalidRunIdError,
+    NonFiniteSnapshotWarning,
+    RunExistsError,
+    RunLockedError,
+    ShapeChangedError,
+    WriteFailedError,
+)
+from koopkit.record import schedule as sched
+from koopkit.record import sketch as sk
+from koopkit.record.recorder import Probe
+from koopkit.store.validate import validate_store
+from koopkit.store.writer import RunWriter
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits
+    make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigterm():
+    """The Recorder installs a SIGTERM handler while open; never let one leak between tests."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def flat(tensors) -> np.ndarray:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors]).numpy().copy()
+
+
+def row_bytes(model) -> int:
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def train(model, rec, steps, *, seed=0, grads=False, attach=False):
+    """SGD on a fixed random batch stream; returns what the model held at every step.
+
+    ``params[k]`` are the parameters after k optimizer steps, ``grads[k]`` the gradient that
+    was in ``p.grad`` when ``rec.step`` was called after step k, ``losses[k]`` the loss
+    computed from the parameters of step k.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    if attach:
+        rec.attach(opt)
+    history = {"params": {0: flat(model.parameters())}, "grads": {}, "losses": {}}
+    history["grads"][0] = np.zeros_like(history["params"][0])
+    for k in range(1, steps + 1):
+        x = torch.randn(8, 3, generator=g).to(dtype)
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        history["grads"][k] = flat(p.grad for p in model.parameters())
+        if not attach:
+            rec.step(loss=loss)
+        opt.zero_grad()
+        history["params"][k] = flat(model.parameters())
+        history["losses"][k - 1] = np.float32(loss.item())
+    return history
+
+
+def stacked(history, key, steps):
+    return np.stack([history[key][s] for s in steps])
+
+
+def read(url, run="r", path="params"):
+    store = koopkit.open_store(url)
+    return store.steps(run, path), np.asarray(store.array(run, path))
+
+
+# --------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize(
+    "every, steps, expected",
+    [
+        (1, 7, list(range(8))),
+        (3, 10, [0, 3, 6, 9]),
+        ([0, 2, 5, 7], 8, [0, 2, 5, 7]),
+        (sched.log_spaced(5), 30, [0, 1, 2, 3, 4, 6, 10, 16, 25]),
+    ],
+    ids=["every1", "every3", "list", "log_spaced"],
+)
+def test_params_round_trip_bit_for_bit(memory_url, tiny_model, every, steps, expected):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, every=every) as rec:
+        history = train(model, rec, steps)
+    got_steps, values = read(memory_url)
+    assert got_steps.tolist() == expected
+    assert got_steps.dtype == np.int64
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(values, stacked(history, "params", expected))
+    info = koopkit.open_store(memory_url).run("r")
+    assert info.status == "complete"
+    assert info.attrs["committed_steps"]["params"] == len(expected)
+    assert validate_store(memory_url) == ([], 1)
+
+
+def test_initial_false_leaves_out_step_zero(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, every=2, initial=False) as rec:
+        history = train(model, rec, 6)
+    got_steps, values = read(memory_url)
+    assert got_steps.tolist() == [2, 4, 6]
+    np.testing.assert_array_equal(values, stacked(history, "params", [2, 4, 6]))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: initial=True ('Record the initial parameters as step 0') is ignored when an "
+    "explicit schedule does not list step 0; Recorder.open only snapshots if 0 is in the schedule",
+)
+def test_initial_step_recorded_even_if_schedule_omits_zero(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, every=[2, 5]) as rec:
+        train(model, rec, 6)
+    assert read(memory_url)[0].tolist() == [0, 2, 5]
+
+
+def test_start_step_counts_from_a_restored_checkpoint(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, every=5, start_step=100) as rec:
+        history = train(model, rec, 12)
+    got_steps, values = read(memory_url)
+    assert got_steps.tolist() == [100, 105, 110]
+    np.testing.assert_array_equal(values, stacked(history, "params", [0, 5, 10]))
+
+
+@pytest.mark.parametrize(
+    "params, names", [("^0\\.", ["0.weight", "0.bias"]), (["2.bias"], ["2.bias"])]
+)
+def test_params_subset_by_regex_and_names(memory_url, tiny_model, params, names):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, params=params) as rec:
+        train(model, rec, 3)
+    store = koopkit.open_store(memory_url)
+    attrs = store.root["runs/r/params"].attrs.asdict()
+    assert attrs["kind"] == "subset"
+    assert [t["name"] for t in attrs["tensors"]] == names
+    named = dict(model.named_parameters())
+    values = np.asarray(store.array("r"))
+    np.testing.assert_array_equal(values[-1], flat(named[n] for n in names))
+    assert validate_store(memory_url)[0] == []
+
+
+def test_params_by_unknown_name_is_refused(memory_url, tiny_model):
+    with pytest.raises(ValueError, match="nope"):
+        koopkit.Recorder(memory_url, "r", tiny_model(), params=["nope"]).open()
+    with pytest.raises(ValueError, match="selects no parameter"):
+        koopkit.Recorder(memory_url, "r2", tiny_model(), params="^nothing$").open()
+
+
+def test_grads_equal_p_grad_when_step_is_called_before_zero_grad(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, grads=True) as rec:
+        history = train(model, rec, 5)
+    got_steps, values = read(memory_url, path="grads")
+    assert got_steps.tolist() == list(range(6))
+    np.testing.assert_array_equal(values, stacked(history, "grads", range(6)))
+    assert not np.all(values[1:] == 0)
+
+
+def _first_output(model, inputs):
+    with torch.no_grad():
+        return model(inputs)[:, 0]
+
+
+def test_probes_are_stored_per_sample_with_ids_and_labels(memory_url, tiny_model):
+    model = tiny_model()
+    inputs = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    labels = [0, 1, 1, 0, 2, 2]
+    seen = {}
+    probes = {
+        "logits": Probe(inputs, labels),
+        "first": Probe(inputs[:2], ids=[10, 20], fn=_first_output),
+    }
+    with koopkit.Recorder(memory_url, "r", model, probes=probes, every=2) as rec:
+        g = torch.Generator().manual_seed(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with torch.no_grad():
+            seen[0] = model(inputs).numpy().copy()
+        for k in range(1, 5):
+            model(torch.randn(4, 3, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+            with torch.no_grad():
+                seen[k] = model(inputs).numpy().copy()
+    assert model.training  # the probe's eval mode was undone
+    run = koopkit.open_run(memory_url, "r")
+    logits = run["probes/logits"].to_dataset()
+    assert logits["value"].dims == ("step", "sample", "feature")
+    assert logits["step"].values.tolist() == [0, 2, 4]
+    assert logits["sample"].values.tolist() == list(range(6))
+    assert logits["label"].values.tolist() == labels
+    np.testing.assert_array_equal(logits["value"].values, np.stack([seen[s] for s in (0, 2, 4)]))
+    first = run["probes/first"].to_dataset()
+    assert first["value"].shape == (3, 2, 1)
+    assert first["sample"].values.tolist() == [10, 20]
+    np.testing.assert_array_equal(
+        first["value"].values[:, :, 0], np.stack([seen[s][:2, 0] for s in (0, 2, 4)])
+    )
+    assert validate_store(memory_url)[0] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a custom Probe fn that does not disable autograd makes the host buffer require "
+    "grad (row.copy_ of a grad-requiring output), the writer thread's .numpy() then fails and "
+    "the run dies with a misleading WriteFailedError; the probe filler should .detach()",
+)
+def test_probe_fn_with_autograd_enabled(memory_url, tiny_model):
+    model = tiny_model()
+    inputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    with koopkit.Recorder(
+        memory_url, "r", model, probes={"p": Probe(inputs, fn=lambda m, x: m(x))}
+    ) as rec:
+        rec.step()
+    with torch.no_grad():
+        expected = model(inputs).numpy()
+    np.testing.assert_array_equal(
+        np.asarray(koopkit.open_store(memory_url).array("r", "probes/p"))[-1], expected
+    )
+
+
+def test_scalars_are_stored_at_the_step_they_describe(memory_url, tiny_model):
+    """``rec.step(loss=...)`` stores the loss at the step before the count (the parameters it
+    was computed from); ``rec.log`` stores at the current count."""
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, every=3) as rec:
+        history = train(model, rec, 7)
+        rec.log(lr=0.5)
+    store = koopkit.open_store(memory_url)
+    assert store.steps("r", "scalars/loss").tolist() == list(range(7))
+    losses = np.asarray(store.array("r", "scalars/loss"))
+    assert losses.dtype == np.float32
+    np.testing.assert_array_equal(losses, [history["losses"][k] for k in range(7)])
+    assert store.steps("r", "scalars/lr").tolist() == [7]
+    assert np.asarray(store.array("r", "scalars/lr")).tolist() == [0.5]
+
+
+def test_scalar_tensor_and_python_numbers_both_log(memory_url, tiny_model):
+    with koopkit.Recorder(memory_url, "r", tiny_model()) as rec:
+        for k in range(3):
+            rec.step(acc=torch.tensor(k / 4), n=k)
+    store = koopkit.open_store(memory_url)
+    assert np.asarray(store.array("r", "scalars/acc")).tolist() == [0, 0.25, 0.5]
+    assert np.asarray(store.array("r", "scalars/n")).tolist() == [0, 1, 2]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: logging one scalar twice at the same step is only detected by the writer thread "
+    "at close, surfaces as WriteFailedError and marks the run interrupted; Recorder.log should "
+    "raise ValueError right away",
+)
+def test_logging_a_scalar_twice_at_one_step_is_refused_immediately(memory_url, tiny_model):
+    with koopkit.Recorder(memory_url, "r", tiny_model()) as rec:
+        rec.step()
+        rec.log(acc=1.0)
+        with pytest.raises(ValueError, match="acc"):
+            rec.log(acc=2.0)
+    assert koopkit.open_store(memory_url).run("r").status == "complete"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_are_stored_as_float32_exactly(memory_url, tiny_model, dtype):
+    model = tiny_model(dtype=dtype)
+    with koopkit.Recorder(memory_url, "r", model) as rec:
+        history = train(model, rec, 3)
+    got_steps, values = read(memory_url)
+    assert values.dtype == np.float32
+    np.testing.assert_array_equal(values, stacked(history, "params", range(4)))
+    tensors = koopkit.open_store(memory_url).root["runs/r/params"].attrs["tensors"]
+    assert {t["dtype"] for t in tensors} == {str(dtype).removeprefix("torch.")}
+
+
+def test_float64_storage_dtype(memory_url, tiny_model):
+    model = tiny_model(dtype=torch.float64)
+    with koopkit.Recorder(memory_url, "r", model, dtype="float64") as rec:
+        train(model, rec, 2)
+    values = read(memory_url)[1]
+    assert values.dtype == np.float64
+    expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    np.testing.assert_array_equal(values[-1], expected)
+
+
+def test_attach_records_after_every_optimizer_step(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, grads=True) as rec:
+        history = train(model, rec, 5, attach=True)
+    got_steps, values = read(memory_url)
+    assert got_steps.tolist() == list(range(6))
+    np.testing.assert_array_equal(values, stacked(history, "params", range(6)))
+    np.testing.assert_array_equal(
+        read(memory_url, path="grads")[1], stacked(history, "grads", range(6))
+    )
+    attrs = koopkit.open_store(memory_url).run("r").attrs
+    assert attrs["optimizer"]["class"] == "SGD"
+    assert attrs["optimizer"]["hyperparams"]["lr"] == 0.1
+
+
+def test_attach_hook_is_removed_at_close(memory_url, tiny_model):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with koopkit.Recorder(memory_url, "r", model) as rec:
+        rec.attach(opt)
+        opt.step()
+    opt.step()  # no recorder any more: must neither record nor raise
+    assert read(memory_url)[0].tolist() == [0, 1]
+
+
+def test_chunk_depth_that_does_not_divide_the_step_count(memory_url, tiny_model):
+    model = tiny_model()
+    budget = 2 * row_bytes(model) * 4  # chunk_steps = 4
+    with koopkit.Recorder(memory_url, "r", model, max_inflight_bytes=budget, grads=True) as rec:
+        history = train(model, rec, 13)
+    store = koopkit.open_store(memory_url)
+    value = store.root["runs/r/params/value"]
+    assert value.chunks[0] == 4
+    assert store.root["runs/r/params"].attrs["chunk_steps"] == 4
+    got_steps, values = read(memory_url)
+    assert got_steps.tolist() == list(range(14))
+    np.testing.assert_array_equal(values, stacked(history, "params", range(14)))
+    np.testing.assert_array_equal(
+        read(memory_url, path="grads")[1], stacked(history, "grads", range(14))
+    )
+    assert validate_store(memory_url)[0] == []
+
+
+def test_per_tensor_views_equal_the_reshaped_history(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, every=2) as rec:
+        history = train(model, rec, 6)
+    run = koopkit.open_run(memory_url, "r")
+    full = stacked(history, "params", [0, 2, 4, 6])
+    offset = 0
+    for name, p in model.named_parameters():
+        view = run.koopkit.tensor(name)
+        assert view.dims[0] == "step"
+        assert view["step"].values.tolist() == [0, 2, 4, 6]
+        assert view.shape == (4, *p.shape)
+        np.testing.assert_array_equal(
+            view.values, full[:, offset : offset + p.numel()].reshape(4, *p.shape)
+        )
+        offset += p.numel()
+    assert [t["name"] for t in run.koopkit.tensors()] == [n for n, _ in model.named_parameters()]
+    with pytest.raises(KeyError, match="nope"):
+        run.koopkit.tensor("nope")
+
+
+def test_nested_run_ids_and_tags_are_selectable(memory_url, tiny_model):
+    for width, seed in [(4, 0), (4, 1), (8, 0)]:
+        with koopkit.Recorder(
+            memory_url,
+            f"fcn/h{width}/seed{seed}",
+            tiny_model(seed),
+            tags={"width": width, "seed": seed},
+        ):
+            pass
+    store = koopkit.open_store(memory_url)
+    assert list(store.runs) == ["fcn/h4/seed0", "fcn/h4/seed1", "fcn/h8/seed0"]
+    assert [r.run_id for r in store.select({"width": "4"})] == ["fcn/h4/seed0", "fcn/h4/seed1"]
+    assert [r.run_id for r in store.select({"width": "8", "seed": "0"})] == ["fcn/h8/seed0"]
+    assert store.select({"missing": "1"}) == []
+    assert validate_store(memory_url) == ([], 3)
+
+
+# --------------------------------------------------------------------------------------------
+# run ids, resume and refusals
+
+
+@pytest.mark.parametrize(
+    "run_id", ["../escape", "a/../../b", "/abs/path", "a\x00b", "", "a//b", "."]
+)
+def test_invalid_run_ids_are_refused(tmp_path, tiny_model, run_id):
+    with pytest.raises(InvalidRunIdError):
+        koopkit.Recorder(tmp_path / "s.zarr", run_id, tiny_model())
+    with pytest.raises(InvalidRunIdError):
+        RunWriter(tmp_path / "s.zarr", run_id)
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_false_on_a_run_with_committed_steps(memory_url, tiny_model):
+    with koopkit.Recorder(memory_url, "r", tiny_model()) as rec:
+        rec.step()
+    with pytest.raises(RunExistsError, match="resume"):
+        koopkit.Recorder(memory_url, "r", tiny_model(), resume=False).open()
+    # the refusal released the run: resuming works
+    with koopkit.Recorder(memory_url, "r", tiny_model()):
+        pass
+
+
+def test_resume_replays_without_gap_or_duplicate(memory_url, tiny_model):
+    model = tiny_model()
+    budget = 2 * row_bytes(model) * 4
+    with koopkit.Recorder(memory_url, "r", model, max_inflight_bytes=budget) as rec:
+        train(model, rec, 6)
+    model = tiny_model()  # the same deterministic training again, from the start
+    with koopkit.Recorder(memory_url, "r", model, max_inflight_bytes=budget) as rec:
+        history = train(model, rec, 11)
+    store = koopkit.open_store(memory_url)
+    assert store.steps("r").tolist() == list(range(12))
+    np.testing.assert_array_equal(
+        np.asarray(store.array("r")), stacked(history, "params", range(12))
+    )
+    assert store.steps("r", "scalars/loss").tolist() == list(range(11))
+    np.testing.assert_array_equal(
+        np.asarray(store.array("r", "scalars/loss")), [history["losses"][k] for k in range(11)]
+    )
+    assert store.run("r").status == "complete"
+
+
+def test_shape_change_mid_run_names_the_parameter(memory_url, tiny_model):
+    model = tiny_model()
+    with pytest.raises(ShapeChangedError, match=r"'2\.weight'"):
+        with koopkit.Recorder(memory_url, "r", model) as rec:
+            train(model, rec, 2)
+            model[2].weight = torch.nn.Parameter(torch.zeros(3, 5))
+            rec.step()
+    store = koopkit.open_store(memory_url)
+    assert store.run("r").status == "interrupted"
+    assert store.steps("r").tolist() == [0, 1, 2]
+    assert validate_store(memory_url)[0] == []
+
+
+def test_replaced_parameter_of_the_same_shape_is_followed(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model) as rec:
+        model[0].bias = torch.nn.Parameter(torch.full((5,), 7.0))
+        rec.step()
+    assert np.all(read(memory_url)[1][1, 15:20] == 7.0)
+
+
+def test_keyboard_interrupt_marks_the_run_interrupted(memory_url, tiny_model):
+    model = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        with koopkit.Recorder(memory_url, "r", model) as rec:
+            history = train(model, rec, 5)
+            raise KeyboardInterrupt
+    store = koopkit.open_store(memory_url)
+    assert store.run("r").status == "interrupted"
+    np.testing.assert_array_equal(
+        np.asarray(store.array("r")), stacked(history, "params", range(6))
+    )
+    assert validate_store(memory_url)[0] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: RunWriter.close pops 'writer' from its attrs but _save_attrs uses "
+    "attrs.update, which never deletes a key, so a finished run still names its old writer",
+)
+def test_closed_run_no_longer_names_a_writer(memory_url, tiny_model):
+    with koopkit.Recorder(memory_url, "r", tiny_model()):
+        pass
+    assert "writer" not in koopkit.open_store(memory_url).run("r").attrs
+
+
+def test_nonfinite_snapshots_are_stored_and_flagged(memory_url, tiny_model):
+    model = tiny_model()
+    with pytest.warns(NonFiniteSnapshotWarning, match="params at steps"):
+        with koopkit.Recorder(memory_url, "r", model) as rec:
+            rec.step()
+            with torch.no_grad():
+                model[0].weight[1, 2] = float("nan")
+            rec.step()
+            with torch.no_grad():
+                model[0].weight[1, 2] = float("inf")
+            rec.step()
+            with torch.no_grad():
+                model[0].weight[1, 2] = 1.0
+            rec.step()
+    store = koopkit.open_store(memory_url)
+    values = np.asarray(store.array("r"))
+    assert np.isnan(values[2, 5]) and np.isposinf(values[3, 5])
+    assert np.isfinite(np.delete(values, 5, axis=1)).all()
+    assert np.isfinite(values[[0, 1, 4]]).all()
+    assert store.run("r").attrs["nonfinite"] == {"params": [2, 3]}
+    assert store.run("r").status == "complete"
+    assert validate_store(memory_url)[0] == []
+
+
+# --------------------------------------------------------------------------------------------
+# one writer per run
+
+
+def test_second_writer_in_process_is_refused_memory(memory_url, tiny_model):
+    import os
+
+    with koopkit.Recorder(memory_url, "r", tiny_model()):
+        with pytest.raises(RunLockedError, match=f"process {os.getpid()}"):
+            koopkit.Recorder(memory_url, "r", tiny_model()).open()
+        with pytest.raises(RunLockedError):
+            RunWriter(memory_url, "r")
+        with koopkit.Recorder(memory_url, "other", tiny_model()):  # another run is fine
+            pass
+    with koopkit.Recorder(memory_url, "r", tiny_model()):  # released at close
+        pass
+
+
+def test_second_writer_in_process_is_refused_directory(tmp_path, tiny_model):
+    url = tmp_path / "s.zarr"
+    with koopkit.Recorder(url, "a/b", tiny_model()):
+        with pytest.raises(RunLockedError, match="one writer per run"):
+            RunWriter(url, "a/b")
+    RunWriter(url, "a/b").close()
+
+
+# --------------------------------------------------------------------------------------------
+# back-pressure
+
+
+def _slow_append(monkeypatch, delay):
+    original = RunWriter.append
+
+    def slow(self, path, steps, rows):
+        time.sleep(delay)
+        return original(self, path, steps, rows)
+
+    monkeypatch.setattr(RunWriter, "append", slow)
+
+
+def test_on_full_drop_counts_what_it_drops(memory_url, tiny_model, monkeypatch):
+    model = tiny_model()
+    _slow_append(monkeypatch, 0.05)
+    budget = 2 * row_bytes(model)  # chunk_steps = 1, two buffers
+    with koopkit.Recorder(memory_url, "r", model, on_full="drop", max_inflight_bytes=budget) as rec:
+        history = train(model, rec, 30)
+    store = koopkit.open_store(memory_url)
+    steps = store.steps("r")
+    dropped = store.run("r").attrs["dropped"]
+    assert dropped > 0
+    assert len(steps) + dropped == 31
+    assert np.all(np.diff(steps) > 0)
+    np.testing.assert_array_equal(np.asarray(store.array("r")), stacked(history, "params", steps))
+    assert validate_store(memory_url)[0] == []
+
+
+def test_on_full_block_loses_nothing(memory_url, tiny_model, monkeypatch):
+    model = tiny_model()
+    _slow_append(monkeypatch, 0.01)
+    budget = 2 * row_bytes(model)
+    with koopkit.Recorder(memory_url, "r", model, max_inflight_bytes=budget) as rec:
+        history = train(model, rec, 30)
+    store = koopkit.open_store(memory_url)
+    assert store.steps("r").tolist() == list(range(31))
+    assert store.run("r").attrs["dropped"] == 0
+    np.testing.assert_array_equal(
+        np.asarray(store.array("r")), stacked(history, "params", range(31))
+    )
+
+
+def test_invalid_options_are_refused(memory_url, tiny_model):
+    for kwargs in (
+        {"on_full": "wait"},
+        {"on_error": "ignore"},
+        {"dtype": "int8"},
+        {"every": 0},
+        {"every": "often"},
+        {"every": []},
+    ):
+        with pytest.raises(ValueError):
+            koopkit.Recorder(memory_url, "r", tiny_model(), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# write failures
+
+
+class FailingMemoryFS(MemoryFileSystem):
+    """An in-memory filesystem whose ``nth`` write after ``arm`` (only writes to paths that
+    contain ``match``, if given) raises OSError; every write is counted in ``log``."""
+
+    protocol = ("failmem",)
+    store: dict = {}
+    pseudo_dirs = [""]
+    log: list = []
+    counted = 0
+    fail_at = None
+    match = None
+
+    @classmethod
+    def arm(cls, nth=1, match=None):
+        cls.counted, cls.fail_at, cls.match = 0, nth, match
+
+    @classmethod
+    def disarm(cls):
+        cls.fail_at = None
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        cls = type(self)
+        cls.log.append(path)
+        if cls.fail_at is not None and (cls.match is None or cls.match in path):
+            cls.counted += 1
+            if cls.counted == cls.fail_at:
+                raise OSError(28, "injected: no space left on device")
+        return super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+@pytest.fixture
+def failing_url(request):
+    fsspec.register_implementation("failmem", FailingMemoryFS, clobber=True)
+    FailingMemoryFS.disarm()
+    url = f"failmem://{request.node.name}"
+    yield url
+    FailingMemoryFS.disarm()
+    FailingMemoryFS.log.clear()
+    FailingMemoryFS.store.clear()
+    FailingMemoryFS.pseudo_dirs[:] = [""]
+
+
+def _check_committed(url, history):
+    store = koopkit.open_store(url)
+    steps = store.steps("r")
+    assert np.all(np.diff(steps) == 1) and (steps.size == 0 or steps[0] == 0)
+    np.testing.assert_array_equal(np.asarray(store.array("r")), stacked(history, "params", steps))
+    assert validate_store(url)[0] == []
+    return store
+
+
+def _wait_committed(url, rows, timeout=10.0):
+    """Wait until the writer thread has committed ``rows`` rows of params and gone quiet."""
+    deadline = time.monotonic() + timeout
+    while koopkit.open_store(url).run("r").committed("params") < rows:
+        assert time.monotonic() < deadline, "the writer thread did not commit in time"
+        time.sleep(0.01)
+    if url.startswith("failmem://"):  # a commit may still be writing its last attributes
+        seen = -1
+        while seen != len(FailingMemoryFS.log):
+            seen = len(FailingMemoryFS.log)
+            time.sleep(0.1)
+
+
+def _loop(model, rec, steps, history, g, opt):
+    start = max(history["params"])
+    for k in range(start + 1, start + steps + 1):
+        model(torch.randn(4, 3, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        rec.step(loss=torch.tensor(float(k)))
+        history["params"][k] = flat(model.parameters())
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3, 5])
+def test_write_failure_raises_once_and_keeps_committed_rows(failing_url, tiny_model, nth):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = {"params": {0: flat(model.parameters())}}
+    budget = 2 * row_bytes(model) * 2  # chunk_steps = 2
+    with pytest.raises(WriteFailedError) as caught:
+        with koopkit.Recorder(failing_url, "r", model, max_inflight_bytes=budget) as rec:
+            _loop(model, rec, 6, history, g, opt)
+            _wait_committed(failing_url, 6)
+            FailingMemoryFS.arm(nth)
+            _loop(model, rec, 40, history, g, opt)
+    assert "injected" in str(caught.value)
+    assert isinstance(caught.value, OSError)
+    FailingMemoryFS.disarm()
+    store = _check_committed(failing_url, history)
+    assert store.steps("r").size >= 6  # everything committed before the failure is kept
+    assert store.run("r").status == "interrupted"
+
+
+def test_write_failure_with_on_error_warn_lets_training_continue(failing_url, tiny_model):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = {"params": {0: flat(model.parameters())}}
+    budget = 2 * row_bytes(model) * 2
+    with pytest.warns(RuntimeWarning, match="stopped"):
+        with koopkit.Recorder(
+            failing_url, "r", model, max_inflight_bytes=budget, on_error="warn"
+        ) as rec:
+            _loop(model, rec, 6, history, g, opt)
+            _wait_committed(failing_url, 6)
+            FailingMemoryFS.arm(1)
+            _loop(model, rec, 40, history, g, opt)  # all 40 steps run
+    assert len(history["params"]) == 47
+    FailingMemoryFS.disarm()
+    store = _check_committed(failing_url, history)
+    assert store.run("r").status == "interrupted"
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a write failure in the final flush (RunWriter.close -> flush) escapes "
+    "Recorder.close untouched: the run stays 'recording' although the store accepts writes, "
+    "and on_error='warn' raises instead of warning",
+)
+def test_write_failure_while_closing(failing_url, tiny_model, on_error):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = {"params": {0: flat(model.parameters())}}
+    budget = 2 * row_bytes(model) * 2
+    rec = koopkit.Recorder(failing_url, "r", model, max_inflight_bytes=budget, on_error=on_error)
+    expect = (
+        pytest.raises(WriteFailedError) if on_error == "raise" else pytest.warns(RuntimeWarning)
+    )
+    with expect:
+        with rec:
+            _loop(model, rec, 6, history, g, opt)  # one row (step 6) is still pending
+            _wait_committed(failing_url, 6)
+            FailingMemoryFS.arm(1)
+    FailingMemoryFS.disarm()
+    store = _check_committed(failing_url, history)
+    assert store.run("r").status == "interrupted"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: when Recorder._live raises WriteFailedError it drops the writer, so the later "
+    "close() returns early and never restores the SIGTERM handler nor removes attach() hooks",
+)
+def test_write_failure_releases_sigterm_handler_and_optimizer_hook(failing_url, tiny_model):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    budget = 2 * row_bytes(model) * 2
+    try:
+        with pytest.raises(WriteFailedError):
+            with koopkit.Recorder(failing_url, "r", model, max_inflight_bytes=budget) as rec:
+                rec.attach(opt)
+                FailingMemoryFS.arm(1)
+                for _ in range(40):
+                    opt.step()
+        FailingMemoryFS.disarm()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        opt.step()  # training goes on without the recorder
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: RunWriter._save_attrs calls group.attrs.update(dict), which zarr turns into one "
+    "metadata write per key: every commit rewrites the run's zarr.json ~16 times (16 PUTs on "
+    "object storage) instead of once; use group.attrs.put(...) (one write)",
+)
+def test_each_commit_is_one_metadata_write(failing_url, tiny_model):
+    model = tiny_model()
+    budget = 2 * row_bytes(model) * 4  # chunk_steps = 4
+    with koopkit.Recorder(failing_url, "r", model, max_inflight_bytes=budget) as rec:
+        for _ in range(63):
+            rec.step()
+    run_meta = sum(p.endswith("runs/r/zarr.json") for p in FailingMemoryFS.log)
+    commits = 64 // 4
+    assert run_meta <= commits + 4, f"{run_meta} writes of the run metadata for {commits} commits"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: SeriesWriter creates a series group and then writes its attributes key by key "
+    "(and its arrays after that), so a failure or kill in between leaves a series without "
+    "'kind'/'value' that `koopkit validate` rejects; create the group with attributes= in one "
+    "write, and let validation ignore series that committed_steps does not list yet",
+)
+def test_failure_while_creating_a_series_leaves_a_valid_store(failing_url, tiny_model):
+    with pytest.raises(WriteFailedError):
+        with koopkit.Recorder(failing_url, "r", tiny_model()) as rec:
+            rec.step()
+            FailingMemoryFS.arm(2, match="scalars/acc/zarr.json")
+            rec.log(acc=1.0)
+    FailingMemoryFS.disarm()
+    assert koopkit.open_store(failing_url).run("r").status == "interrupted"
+    assert validate_store(failing_url)[0] == []
+
+
+def _root_ignores_permissions(tmp_path) -> bool:
+    probe = tmp_path / "perm-probe"
+    probe.mkdir()
+    probe.chmod(0o555)
+    try:
+        (probe / "x").write_text("x")
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.chmod(0o755)
+
+
+def test_store_made_read_only_mid_run(tmp_path, tiny_model):
+    if _root_ignores_permissions(tmp_path):
+        pytest.skip("running as root: chmod cannot make the store read-only")
+    url = tmp_path / "s.zarr"
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = {"params": {0: flat(model.parameters())}}
+    budget = 2 * row_bytes(model) * 2
+    paths = []
+    try:
+        with pytest.raises(WriteFailedError):
+            with koopkit.Recorder(url, "r", model, max_inflight_bytes=budget) as rec:
+                _loop(model, rec, 6, history, g, opt)
+                _wait_committed(url, 6)
+                paths = [url, *url.rglob("*")]
+                for p in paths:
+                    p.chmod(0o555 if p.is_dir() else 0o444)
+                _loop(model, rec, 40, history, g, opt)
+    finally:
+        for p in paths:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    store = _check_committed(url, history)
+    assert store.steps("r").size >= 6
+
+
+# --------------------------------------------------------------------------------------------
+# sketches
+
+
+def _pairs(n, count, seed, structured=False):
+    """Random pairs (half of them correlated); ``structured``: smooth, mostly positive vectors
+    like real parameters, where only the sketch's own randomness can hide collisions."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 1, n, dtype=torch.float64)
+    for i in range(count):
+        if structured:
+            x = (
+                1
+                + torch.sin(6.28 * (i + 1) * t) / 2
+                + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+            )
+            z = 1 + t + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+        else:
+            x = torch.randn(n, generator=g, dtype=torch.float64)
+            z = torch.randn(n, generator=g, dtype=torch.float64)
+        y = z if i % 2 else 0.6 * x + 0.8 * z
+        yield x, y
+
+
+def _sketch(method, k, n, seed, *tensors):
+    out = torch.empty(k, dtype=torch.float64)
+    return sk.make_sketch(method, k, n, seed, "cpu").project(list(tensors), out)
+
+
+def _dot(a, b) -> float:
+    # not a BLAS dot: alternating BLAS and OpenMP thread pools is slow on a busy small machine
+    return float((a * b).sum())
+
+
+def _inner_product_errors(method, n, k, count, structured, seed=1):
+    """(error, variance bound 2|x|^2|y|^2/k, std sqrt((|x|^2|y|^2+<x,y>^2)/k)) per pair, each
+    pair sketched with its own seed, so the errors sample the sketch's randomness."""
+    out = []
+    for i, (x, y) in enumerate(_pairs(n, count, seed, structured)):
+        sx, sy = (
+            _sketch(method, k, n, 1000 * seed + i, x),
+            _sketch(method, k, n, 1000 * seed + i, y),
+        )
+        xx, yy, xy = _dot(x, x), _dot(y, y), _dot(x, y)
+        out.append((_dot(sx, sy) - xy, 2 * xx * yy / k, math.sqrt((xx * yy + xy**2) / k)))
+    return np.array(out).T
+
+
+COUNTSKETCH_HASH_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: CountSketch's hash ((a*i+b) mod (2**61-1)) never wraps for i < 2**30, so buckets "
+    "are (a*i+b) mod k: with k even, colliding indices differ by a multiple of an even number, "
+    "their signs (the low bit of another linear hash) are always equal, and an even a leaves "
+    "buckets empty. Inner products of structured vectors are biased by ~100x and the variance "
+    "is ~4x the JL bound. Use random tables from a seeded generator, or multiply-shift (high "
+    "bits) buckets with 4-wise independent signs.",
+)
+
+
+@pytest.mark.parametrize(
+    "method, n, k, count",
+    [
+        pytest.param("countsketch", 20_000, 256, 200, marks=COUNTSKETCH_HASH_BUG),
+        ("gaussian", 2_000, 128, 100),
+    ],
+)
+def test_sketch_inner_product_error_is_within_the_jl_bound(method, n, k, count):
+    errors, bounds, _ = _inner_product_errors(method, n, k, count, structured=False)
+    ratio = np.mean(errors**2) / np.mean(bounds)
+    # Var <= (|x|^2|y|^2 + <x,y>^2)/k <= bound; for these vectors it is about 0.6 of the bound
+    assert 0.15 < ratio < 1.2, ratio
+    # unbiased: the mean error is small against its standard error
+    assert abs(errors.mean()) < 4 * np.sqrt(np.mean(bounds) / len(errors))
+
+
+@pytest.mark.parametrize(
+    "method, n, k",
+    [
+        pytest.param("countsketch", 20_000, 256, marks=COUNTSKETCH_HASH_BUG),
+        ("gaussian", 2_000, 128),
+    ],
+)
+def test_sketch_keeps_inner_products_of_structured_vectors(method, n, k):
+    errors, bounds, std = _inner_product_errors(method, n, k, 60, structured=True)
+    assert np.mean(errors**2) < 1.2 * np.mean(bounds)
+    assert abs(errors.mean()) < 4 * np.sqrt(np.mean(bounds) / len(errors))
+    assert np.mean(np.abs(errors) <= 4 * std) >= 0.95
+
+
+def test_countsketch_k4096_n100000_errors_within_four_std():
+    errors, _, std = _inner_product_errors(
+        "countsketch", 100_000, 4096, 40, structured=False, seed=2
+    )
+    assert np.mean(np.abs(errors) <= 4 * std) >= 0.9
+
+
+@COUNTSKETCH_HASH_BUG
+def test_countsketch_uses_every_bucket_with_random_signs_within_a_bucket():
+    n, k = 4096, 64
+    for seed in range(8):
+        buckets, signs = sk.make_sketch("countsketch", k, n, seed, "cpu")._tables
+        assert len(buckets.unique()) == k
+        # within one bucket, both signs occur
+        for b in range(4):
+            assert len(signs[buckets == b].unique()) == 2
+
+
+@pytest.mark.parametrize("method", sk.METHODS)
+def test_sketch_is_seeded_linear_and_accumulates_per_tensor(method):
+    g = torch.Generator().manual_seed(3)
+    a, b = (
+        torch.randn(4, 5, generator=g, dtype=torch.float64),
+        torch.randn(7, generator=g, dtype=torch.float64),
+    )
+    n, k = 27, 8
+    x = torch.cat([a.reshape(-1), b])
+    y = torch.randn(n, generator=g, dtype=torch.float64)
+    s0 = _sketch(method, k, n, 0, x)
+    assert torch.equal(s0, _sketch(method, k, n, 0, x))
+    assert not torch.equal(s0, _sketch(method, k, n, 1, x))
+    torch.testing.assert_close(
+        _sketch(method, k, n, 0, 2 * x - 3 * y),
+        2 * s0 - 3 * _sketch(method, k, n, 0, y),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(_sketch(method, k, n, 0, a, b), s0, rtol=1e-13, atol=1e-13)
+
+
+def test_countsketch_hashing_on_the_fly_equals_cached_tables(monkeypatch):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cached = _sketch("countsketch", 32, 1000, 5, x)
+    monkeypatch.setattr(sk, "_TABLE_LIMIT", 10)
+    sketch = sk.make_sketch("countsketch", 32, 1000, 5, "cpu")
+    assert sketch._tables is None
+    torch.testing.assert_close(sketch.project([x], torch.empty(32, dtype=torch.float64)), cached)
+
+
+def test_countsketch_is_a_signed_bucket_map():
+    n, k = 500, 16
+    sketch = sk.make_sketch("countsketch", k, n, 3, "cpu")
+    matrix = torch.stack([sketch.project([e], torch.empty(k)) for e in torch.eye(n)], dim=1)
+    assert set(matrix.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert torch.all((matrix != 0).sum(dim=0) == 1)  # each coordinate lands in exactly one bucket
+
+
+def test_make_sketch_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="method"):
+        sk.make_sketch("srht", 8, 10, 0, "cpu")
+    for dim in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="sketch"):
+            sk.make_sketch("countsketch", dim, 10, 0, "cpu")
+
+
+@pytest.mark.parametrize("method", sk.METHODS)
+def test_recorder_with_sketch_stores_the_projection(memory_url, tiny_model, method):
+    model = tiny_model()
+    n = sum(p.numel() for p in model.parameters())
+    with koopkit.Recorder(
+        memory_url, "r", model, sketch=16, sketch_method=method, seed=7, grads=True
+    ) as rec:
+        history = train(model, rec, 4)
+    store = koopkit.open_store(memory_url)
+    attrs = store.root["runs/r/params"].attrs.asdict()
+    assert attrs["kind"] == "sketch"
+    assert attrs["sketch"] == {"method": method, "dim": 16, "seed": 7}
+    assert attrs["source_size"] == n
+    values = np.asarray(store.array("r"))
+    assert values.shape == (5, 16)
+    sketch = sk.make_sketch(method, 16, n, 7, "cpu")
+    for s in range(5):
+        expected = sketch.project([torch.from_numpy(history["params"][s])], torch.empty(16))
+        np.testing.assert_allclose(values[s], expected.numpy(), rtol=1e-5, atol=1e-6)
+    grads = np.asarray(store.array("r", "grads"))
+    expected = sketch.project([torch.from_numpy(history["grads"][3])], torch.empty(16))
+    np.testing.assert_allclose(grads[3], expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert validate_store(memory_url)[0] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a negative sketch seed is accepted and written as sketch.seed, which the series "
+    "schema requires to be >= 0, so the recorded store fails validation; make_sketch should "
+    "refuse seed < 0",
+)
+def test_negative_sketch_seed_is_refused_or_valid(memory_url, tiny_model):
+    try:
+        with koopkit.Recorder(memory_url, "r", tiny_model(), sketch=8, seed=-1) as rec:
+            rec.step()
+    except ValueError:
+        return
+    assert validate_store(memory_url)[0] == []
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+
+
+def test_every_n():
+    s = sched.every_n(3)
+    assert [k for k in range(13) if k in s] == [0, 3, 6, 9, 12]
+    assert s.to_json() == {"kind": "every", "n": 3}
+    for bad in (0, -1, True, 2.5, "3"):
+        with pytest.raises(ValueError):
+            sched.every_n(bad)
+
+
+def test_at_steps():
+    s = sched.at_steps([7, 1, 1, 3])
+    assert [k for k in range(10) if k in s] == [1, 3, 7]
+    assert s.to_json() == {"kind": "steps", "steps": [1, 3, 7]}
+    for bad in ([], [-1, 2]):
+        with pytest.raises(ValueError):
+            sched.at_steps(bad)
+
+
+@pytest.mark.parametrize("per_decade", [1, 2, 3, 7, 10, 20, 50])
+def test_log_spaced_membership_matches_the_grid(per_decade):
+    s = sched.log_spaced(per_decade)
+    limit = 20_000
+    grid = {0} | {round(10 ** (j / per_decade)) for j in range(0, 5 * per_decade + 1)}
+    grid = {g for g in grid if g <= limit}
+    assert {k for k in range(limit + 1) if k in s} == grid
+    assert s.to_json() == {"kind": "log", "per_decade": per_decade, "start": 0}
+
+
+def test_log_spaced_refuses_bad_density():
+    with pytest.raises(ValueError):
+        sched.log_spaced(0)
+
+
+def test_log_steps_examples():
+    assert sched.log_steps(0, 5) == [0]
+    assert sched.log_steps(1, 5) == [0, 1]
+    steps = sched.log_steps(1000, 10)
+    assert steps[0] == 0 and steps[-1] == 1000 and 1 in steps
+    ratios = np.array(steps[2:]) / np.array(steps[1:-1])
+    assert np.allclose(ratios[-4:], 1000 ** (1 / 9), rtol=0.1)
+    assert koopkit.log_steps is sched.log_steps
+
+
+@settings(max_examples=200, deadline=None)
+@given(stop=st.integers(0, 10**7), num=st.integers(1, 300))
+def test_log_steps_properties(stop, num):
+    steps = sched.log_steps(stop, num)
+    assert steps[0] == 0 and steps[-1] == stop
+    assert all(b > a for a, b in zip(steps, steps[1:], strict=False))
+    assert len(steps) <= num + 2
+    assert all(isinstance(s, int) for s in steps)
+
+
+def test_log_steps_as_a_recorder_schedule(memory_url, tiny_model):
+    steps = sched.log_steps(20, 6)
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, every=steps) as rec:
+        history = train(model, rec, 20)
+    got, values = read(memory_url)
+    assert got.tolist() == steps
+    np.testing.assert_array_equal(values, stacked(history, "params", steps))
+
+
+def test_make_schedule():
+    s = sched.log_spaced(4)
+    assert sched.make_schedule(s) is s
+    assert sched.make_schedule(2).n == 2
+    assert sched.make_schedule(range(0, 10, 5)).steps == frozenset({0, 5})
+    with pytest.raises(ValueError):
+        sched.make_schedule("1")
+    with pytest.raises(ValueError):
+        sched.make_schedule(None)
