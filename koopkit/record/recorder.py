@@ -239,7 +239,7 @@ class Recorder:
             self._writer.abandon()
             raise
         self._install_sigterm()
-        if self.initial and self.step_count in self.schedule:
+        if self.initial:
             self.snapshot()
         return self
 
@@ -247,23 +247,20 @@ class Recorder:
         """Flush everything, write the final status and release the run."""
         if self._writer is None:
             return
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        self._restore_sigterm()
-        writer, self._writer = self._writer, None
-        for stream in self._streams():
-            stream.hand_off()
-        self._thread.stop()
+        writer = self._detach()
         error = self._thread.error
+        if error is None:
+            try:
+                dropped = sum(getattr(s, "dropped", 0) for s in self._vectors.values())
+                writer.set(dropped=int(writer.attrs.get("dropped", 0)) + dropped)
+                writer.close(status)
+            except Exception as exc:
+                error = exc
         if error is not None:
             writer.abandon()
-            if raise_errors and self.on_error == "raise":
-                raise self._as_write_error(error)
+            if raise_errors:
+                self._report(error)
             return
-        dropped = sum(getattr(s, "dropped", 0) for s in self._vectors.values())
-        writer.set(dropped=int(writer.attrs.get("dropped", 0)) + dropped)
-        writer.close(status)
         flagged = writer.attrs.get("nonfinite")
         if flagged:
             summary = ", ".join(f"{path} at steps {steps[:5]}" for path, steps in flagged.items())
@@ -272,6 +269,29 @@ class Recorder:
                 "recorded and flagged in the run's 'nonfinite' metadata.",
                 NonFiniteSnapshotWarning,
                 stacklevel=3,
+            )
+
+    def _detach(self):
+        """Stop recording: remove hooks, restore SIGTERM, drain the writer thread."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._restore_sigterm()
+        writer, self._writer = self._writer, None
+        if self._thread.error is None:
+            for stream in self._streams():
+                stream.hand_off()
+        self._thread.stop()
+        return writer
+
+    def _report(self, error) -> None:
+        """A failed write: raise it (on_error="raise") or warn once (on_error="warn")."""
+        if self.on_error == "raise":
+            raise self._as_write_error(error)
+        if not self._disabled:
+            self._disabled = True
+            warnings.warn(
+                f"Recording of run {self.run_id!r} stopped: {error}", RuntimeWarning, stacklevel=3
             )
 
     # -- the training-loop calls -------------------------------------------------------------
@@ -299,6 +319,11 @@ class Recorder:
             log = self._scalars.get(path)
             if log is None:
                 log = self._scalars[path] = self._new_scalar(path)
+            if log.last_step is not None and log.last_step >= self.step_count:
+                raise ValueError(
+                    f"Scalar {name!r} was already logged at step {self.step_count}; "
+                    "log each scalar once per step."
+                )
             last = self._resume_after[path]
             if last is None or self.step_count > last:
                 log.log(self.step_count, value)
@@ -335,15 +360,8 @@ class Recorder:
         error = self._thread.error
         if error is not None and not self._disabled:
             if self.on_error == "raise":
-                self._disabled = True
-                writer, self._writer = self._writer, None
-                self._thread.stop()
-                writer.abandon()
-                raise self._as_write_error(error)
-            warnings.warn(
-                f"Recording of run {self.run_id!r} stopped: {error}", RuntimeWarning, stacklevel=3
-            )
-            self._disabled = True
+                self._detach().abandon()
+            self._report(error)
         return not self._disabled
 
     def _as_write_error(self, error):
@@ -435,7 +453,8 @@ class Recorder:
         path = layout.series_path(layout.PROBES, name)
 
         def fill(row):
-            row.view(samples, features).copy_(fn(self.model, inputs).reshape(samples, features))
+            output = fn(self.model, inputs).detach()
+            row.view(samples, features).copy_(output.reshape(samples, features))
 
         self._add_vector(
             path, (samples, features), ("sample", "feature"), {"kind": "probe"}, fill, coords

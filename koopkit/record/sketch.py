@@ -15,19 +15,33 @@ from __future__ import annotations
 import torch
 
 METHODS = ("countsketch", "gaussian")
-_PRIME = (1 << 61) - 1  # Mersenne prime for the universal hash
 _TABLE_LIMIT = 1 << 28  # above this many parameters, hash on the fly instead of caching tables
 
 
-def _hash(index: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """((a*i + b) mod p) on int64; a < 2**31 and i < 2**31 keep a*i below 2**62."""
-    return torch.remainder(index * a + b, _PRIME)
+def _signed(value: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _coefficients(seed: int):
-    g = torch.Generator().manual_seed(int(seed))
-    a1, b1, a2, b2 = torch.randint(1, 2**31 - 1, (4,), generator=g).tolist()
-    return a1, b1, a2, b2
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch shifts arithmetically)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(index: torch.Tensor, key: int) -> torch.Tensor:
+    """SplitMix64 finaliser of (index + key * golden): every output bit depends on every input bit.
+
+    int64 multiplication wraps, which is exactly the arithmetic modulo 2**64 the mixer needs.
+    """
+    x = index + _signed((key * _GOLDEN) % (1 << 64))
+    x = (x ^ _shift(x, 30)) * _MIX1
+    x = (x ^ _shift(x, 27)) * _MIX2
+    return x ^ _shift(x, 31)
 
 
 class CountSketch:
@@ -42,14 +56,16 @@ class CountSketch:
     def __init__(self, dim: int, size: int, seed: int = 0, device="cpu"):
         self.dim, self.size, self.seed = int(dim), int(size), int(seed)
         self.device = torch.device(device)
-        self._coef = _coefficients(seed)
+        self._keys = (
+            2 * self.seed + 1,
+            2 * self.seed + 2,
+        )  # distinct streams for buckets and signs
         self._tables = self._buckets_and_signs(0, self.size) if self.size <= _TABLE_LIMIT else None
 
     def _buckets_and_signs(self, start: int, stop: int):
-        a1, b1, a2, b2 = self._coef
         index = torch.arange(start, stop, device=self.device, dtype=torch.int64)
-        buckets = torch.remainder(_hash(index, a1, b1), self.dim)
-        signs = (_hash(index, a2, b2) & 1).to(torch.float32).mul_(2).sub_(1)
+        buckets = torch.remainder(_shift(_mix(index, self._keys[0]), 1), self.dim)
+        signs = (_shift(_mix(index, self._keys[1]), 63)).to(torch.float32).mul_(2).sub_(1)
         return buckets, signs
 
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
@@ -88,9 +104,10 @@ class GaussianSketch:
         self.device = torch.device(device)
 
     def matrix_block(self, j: int, width: int) -> torch.Tensor:
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + j)
-        block = torch.randn(self.dim, width, generator=g, device=self.device)
-        return block / self.dim**0.5
+        """Block j of G, drawn on the CPU so the seed alone determines it on every device."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+        block = torch.randn(self.dim, width, generator=g)
+        return (block / self.dim**0.5).to(self.device)
 
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
         """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``."""
@@ -107,5 +124,7 @@ def make_sketch(method: str, dim: int, size: int, seed: int, device):
         raise ValueError(f"Invalid sketch method {method!r}; expected one of {', '.join(METHODS)}.")
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"Invalid sketch={dim!r}; expected a positive int (the sketch width k).")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"Invalid sketch seed={seed!r}; expected an int >= 0.")
     cls = CountSketch if method == "countsketch" else GaussianSketch
     return cls(dim, size, seed, device)

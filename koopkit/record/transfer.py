@@ -109,6 +109,7 @@ class ScalarLog:
         self.device = torch.device(device)
         self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
         self.steps: list[int] = []
+        self.last_step = None
 
     def log(self, step: int, value) -> None:
         if isinstance(value, torch.Tensor):
@@ -116,6 +117,7 @@ class ScalarLog:
         else:
             self.values[len(self.steps)] = float(value)
         self.steps.append(step)
+        self.last_step = step
         if len(self.steps) == self.batch:
             self.hand_off()
 

@@ -8,6 +8,7 @@ would need to run code.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,9 @@ def _load_state_dict(path: Path):
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about legacy pickle protocols
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         if "mmap" in str(exc):  # legacy (non-zip) checkpoints cannot be memory-mapped
             return _load_state_dict_unmapped(path)
@@ -117,16 +120,22 @@ def _load_state_dict_unmapped(path: Path):
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise _refusal(path, exc) from exc
     return _unwrap(path, obj)
 
 
 def _refusal(path: Path, exc) -> ImportFailedError:
+    """One line naming the file and, where torch says it, the global the pickle wanted."""
+    lines = str(exc).splitlines()
+    detail = next((line.strip() for line in lines if "Unsupported global" in line), None)
+    detail = detail or f"{type(exc).__name__}: {(lines or [''])[0][:120]}"
     return ImportFailedError(
         f"Refused checkpoint {path.name!r}: it is not a plain tensor state dict that loads with "
-        f"weights_only=True (loading it could run code). {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        f"weights_only=True (loading it could run code). {detail}"
     )
 
 

@@ -72,6 +72,31 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def _as_python_scalar(value):
+    """numpy and torch scalars (one element with ``.item()``) as Python numbers."""
+    if not callable(getattr(value, "item", None)):
+        return value
+    count = (
+        value.numel() if callable(getattr(value, "numel", None)) else getattr(value, "size", None)
+    )
+    return value.item() if count == 1 else value
+
+
+def check_tags(tags) -> dict:
+    """Tags as JSON scalars: numpy/torch scalars become Python numbers, anything else is refused."""
+    out = {}
+    for key, value in dict(tags or {}).items():
+        value = _as_python_scalar(value)
+        if not isinstance(key, str) or not (
+            value is None or isinstance(value, str | int | float | bool)
+        ):
+            raise ValueError(
+                f"Invalid tag {key!r}={value!r}; tags are str keys with str, number, bool or None values."
+            )
+        out[key] = value
+    return out
+
+
 def run_path(run_id: str) -> str:
     return f"{RUNS}/{check_run_id(run_id)}"
 

@@ -46,10 +46,7 @@ def _check_series(group, where, committed, reasons) -> None:
         )
         return
     rows = min(value.shape[0], step.shape[0])
-    if committed is None:
-        reasons.append(f"{where}: run metadata has no committed_steps entry for this series")
-        committed = 0
-    elif committed > rows:
+    if committed > rows:
         reasons.append(
             f"{where}: committed_steps is {committed} but only {rows} rows are written "
             f"(value has {value.shape[0]}, step has {step.shape[0]})"
@@ -108,13 +105,15 @@ def _check_run(group, run_id, reasons) -> None:
     for kind in layout.VECTOR_SERIES:
         if kind in group:
             present.add(kind)
-            _check_series(group[kind], f"{where}/{kind}", committed.get(kind), reasons)
+            if kind in committed:  # a series not yet committed is still being created
+                _check_series(group[kind], f"{where}/{kind}", committed[kind], reasons)
     for kind in (layout.SCALARS, layout.PROBES):
         if kind in group:
             for name, child in group[kind].groups():
                 path = f"{kind}/{name}"
                 present.add(path)
-                _check_series(child, f"{where}/{path}", committed.get(path), reasons)
+                if path in committed:
+                    _check_series(child, f"{where}/{path}", committed[path], reasons)
     for path in sorted(set(committed) - present):
         if committed[path]:
             reasons.append(f"{where}: committed_steps names series {path!r}, which does not exist")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import __version__
-from ..errors import RunExistsError, ShapeChangedError, WriteFailedError
+from ..errors import InvalidRunIdError, RunExistsError, ShapeChangedError, WriteFailedError
 from . import layout
 from .location import local_path, open_root
 from .lock import RunLock
@@ -96,8 +96,9 @@ class SeriesWriter:
             self.last_step = int(self.step[self.written - 1]) if self.written else None
             self.chunk_steps = self.value.chunks[0]
         else:
-            group = run_group.create_group(spec.path)
-            group.attrs.update({layout.NAMESPACE: layout.node_block("series"), **spec.attrs})
+            group = run_group.create_group(
+                spec.path, attributes={layout.NAMESPACE: layout.node_block("series"), **spec.attrs}
+            )
             chunks = (
                 self.chunk_steps,
                 *_column_chunks(spec.row_shape, self.chunk_steps, dtype.itemsize),
@@ -206,6 +207,8 @@ class RunWriter:
 
     def __init__(self, url, run_id: str, metadata: dict | None = None, *, resume: bool = True):
         self.run_id = layout.check_run_id(run_id)
+        metadata = dict(metadata or {})
+        metadata["tags"] = layout.check_tags(metadata.get("tags"))
         self.url = os.fspath(url)
         root = open_root(url, writable=True)
         path = layout.run_path(run_id)
@@ -217,12 +220,13 @@ class RunWriter:
             describe_holder=lambda: self._holder(root, path),
         )
         try:
-            self._open_run(root, path, metadata or {}, resume)
+            self._open_run(root, path, metadata, resume)
         except BaseException:
             self.lock.release()
             raise
         self.series: dict[str, SeriesWriter] = {}
         self.closed = False
+        self._committed = False  # whether this writer committed any row
         self._mutex = threading.RLock()  # the training thread adds series while the writer appends
 
     @staticmethod
@@ -237,9 +241,16 @@ class RunWriter:
 
     def _open_run(self, root, path, metadata, resume):
         writer = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+        self._refuse_nesting(root)
+        self._original_attrs = None
         if path in root:
             self.group = root[path]
             self.attrs = self.group.attrs.asdict()
+            if (self.attrs.get(layout.NAMESPACE) or {}).get("node") != "run":
+                raise InvalidRunIdError(
+                    f"Run id {self.run_id!r} names a group of runs, not a run; choose another id."
+                )
+            self._original_attrs = dict(self.attrs)
             committed = self.attrs.get("committed_steps", {})
             if any(committed.values()) and not resume:
                 raise RunExistsError(
@@ -267,8 +278,21 @@ class RunWriter:
             }
         self._save_attrs()
 
+    def _refuse_nesting(self, root):
+        """A run may not live inside another run: readers would never see it."""
+        parts = self.run_id.split("/")
+        for depth in range(1, len(parts)):
+            ancestor = layout.run_path("/".join(parts[:depth]))
+            if ancestor in root:
+                block = root[ancestor].attrs.get(layout.NAMESPACE) or {}
+                if block.get("node") == "run":
+                    raise InvalidRunIdError(
+                        f"Run id {self.run_id!r} would nest inside run {'/'.join(parts[:depth])!r}; "
+                        "choose another id."
+                    )
+
     def _save_attrs(self):
-        self.group.attrs.update(self.attrs)
+        self.group.attrs.put(self.attrs)  # one metadata write, replacing the whole mapping
 
     def add_series(self, spec: SeriesSpec) -> SeriesWriter:
         """Create the series, or reopen it (trimmed to its committed rows) when resuming."""
@@ -291,6 +315,7 @@ class RunWriter:
             self._commit()
 
     def _commit(self):
+        self._committed = True
         for path, series in self.series.items():
             series.write_pending()
             self.attrs["committed_steps"][path] = series.written
@@ -321,16 +346,22 @@ class RunWriter:
             )
 
     def close(self, status: str = "complete") -> None:
-        """Flush, set the final status and release the lock; safe to call twice."""
+        """Flush, set the final status and release the lock; safe to call twice.
+
+        If the final flush fails, the run is marked interrupted (where the store still
+        accepts that) and the error propagates.
+        """
         if self.closed:
             return
-        self.closed = True
         try:
             self.attrs["status"] = status
             self.attrs.pop("writer", None)
             self.flush()
-        finally:
-            self.lock.release()
+        except BaseException:
+            self.abandon()
+            raise
+        self.closed = True
+        self.lock.release()
 
     def abandon(self) -> None:
         """Release the lock after a write failure, marking the run interrupted if we still can."""
@@ -338,8 +369,13 @@ class RunWriter:
             return
         self.closed = True
         try:
-            self.attrs["status"] = "interrupted"
-            self.attrs.pop("writer", None)
+            if not self._committed and self._original_attrs is not None:
+                self.attrs = (
+                    self._original_attrs
+                )  # nothing new was written: leave the run as it was
+            else:
+                self.attrs["status"] = "interrupted"
+                self.attrs.pop("writer", None)
             self._save_attrs()
         except Exception:
             pass  # the store refuses writes; committed rows stay as they are

@@ -32,11 +32,10 @@ def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
-def make_data(steps: int):
-    g = torch.Generator().manual_seed(SEED + 1)
-    xs = torch.randn(steps, 16, 4, generator=g)
-    ys = torch.randn(steps, 16, 3, generator=g)
-    return xs, ys
+def batch(k: int):
+    """The mini-batch of optimizer step k, the same whatever the length of the run."""
+    g = torch.Generator().manual_seed(SEED * 1000 + k)
+    return torch.randn(16, 4, generator=g), torch.randn(16, 3, generator=g)
 
 
 def flat(model) -> torch.Tensor:
@@ -47,9 +46,9 @@ def train(steps: int, on_step=None):
     """Train from the fixed seed; ``on_step(model, loss, k)`` after each optimizer step k."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    xs, ys = make_data(steps)
     for k in range(1, steps + 1):
-        loss = torch.nn.functional.mse_loss(model(xs[k - 1]), ys[k - 1])
+        x, y = batch(k)
+        loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -75,7 +74,7 @@ def reference_params(steps: int = STEPS):
 
     def keep(model, loss, k):
         snapshots.append(flat(model))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
 
     with one_thread():
         snapshots.append(flat(make_model()))
@@ -89,7 +88,6 @@ def record(store, run, steps=STEPS, sleep=0.0, inflight=INFLIGHT, hold=False, ec
 
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    xs, ys = make_data(steps)
     with (
         one_thread(),
         koopkit.Recorder(
@@ -100,7 +98,8 @@ def record(store, run, steps=STEPS, sleep=0.0, inflight=INFLIGHT, hold=False, ec
         if hold:
             sys.stdin.readline()
         for k in range(1, steps + 1):
-            loss = torch.nn.functional.mse_loss(model(xs[k - 1]), ys[k - 1])
+            x, y = batch(k)
+            loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
             opt.step()
             opt.zero_grad()

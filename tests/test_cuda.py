@@ -1,0 +1,91 @@
+"""The CUDA paths: the Recorder's side-stream pipeline and the GPU estimator (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import koopkit
+from koopkit.record.sketch import make_sketch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+    ).cuda()
+
+
+def test_recorded_cuda_parameters_equal_the_model_bit_for_bit(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    reference = []
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()  # noqa: E731
+    with koopkit.Recorder(
+        tmp_path / "s.zarr", "cuda/run", model, every=1, max_inflight_bytes=64 * 1024
+    ) as rec:
+        reference.append(flat())
+        for _ in range(40):
+            x = torch.randn(16, 32, device="cuda")
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step(loss=loss)
+            reference.append(flat())
+    run = koopkit.open_run(tmp_path / "s.zarr", "cuda/run")
+    assert np.array_equal(run["params"]["value"].values, torch.stack(reference).numpy())
+    assert run["scalars/loss"]["value"].shape == (40,)
+
+
+def test_step_never_synchronises_the_host(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(16, 32, device="cuda")
+    with koopkit.Recorder(tmp_path / "s.zarr", "sync/run", model, every=1, sketch=64) as rec:
+        for _ in range(3):  # warm up allocations outside the check
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+        torch.cuda.synchronize()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns that the debug mode is experimental
+                torch.cuda.set_sync_debug_mode("error")
+            for _ in range(20):
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                rec.step(loss=loss)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert koopkit.open_store(tmp_path / "s.zarr").run("sync/run").committed("params") == 24
+
+
+def test_cuda_countsketch_equals_the_cpu_sketch():
+    x = torch.randn(100_003)
+    cpu = make_sketch("countsketch", 512, x.numel(), 3, "cpu").project([x], torch.zeros(512))
+    gpu = make_sketch("countsketch", 512, x.numel(), 3, "cuda").project(
+        [x.cuda()], torch.zeros(512, device="cuda")
+    )
+    assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
+
+
+def test_gpu_dmd_matches_cpu():
+    rng = np.random.default_rng(0)
+    data = np.cumsum(rng.standard_normal((200, 20_000)), axis=0).astype(np.float32)
+    cpu = koopkit.estimate(data, "dmd", rank=10)
+    gpu = koopkit.estimate(torch.from_numpy(data).cuda(), "dmd", rank=10, device="cuda")
+    assert np.allclose(
+        np.sort_complex(cpu.eigenvalues), np.sort_complex(gpu.eigenvalues), atol=1e-8
+    )

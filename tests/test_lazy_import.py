@@ -1,0 +1,63 @@
+"""``import koopkit`` is light, and ``koopkit --help`` answers quickly."""
+
+from __future__ import annotations
+
+import json
+import time
+
+HEAVY = ("torch", "dask", "zarr", "xarray", "scipy", "matplotlib")
+
+IMPORT_ONLY = f"""
+import json, sys
+import koopkit
+print(json.dumps({{
+    "loaded": [m for m in {HEAVY!r} if m in sys.modules],
+    "version": koopkit.__version__,
+    "names": sorted(koopkit.__all__),
+}}))
+"""
+
+HELP = f"""
+import json, sys
+from koopkit.cli import main
+sys.argv = ["koopkit", "--help"]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({{"code": code, "loaded": [m for m in {HEAVY!r} if m in sys.modules]}}),
+      file=sys.stderr)
+"""
+
+
+def test_import_koopkit_leaves_heavy_libraries_out(run_python):
+    proc = run_python("-c", IMPORT_ONLY)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["loaded"] == []
+    assert {"Recorder", "open_store", "open_run", "log_steps"} <= set(out["names"])
+
+
+def test_public_names_load_on_first_access(run_python):
+    code = (
+        "import sys, koopkit; f = koopkit.open_store; "
+        "print(f.__module__, callable(f), 'torch' in sys.modules)"
+    )
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["koopkit.store.reader", "True", "False"]  # no torch to read
+
+
+def test_koopkit_help_runs_quickly(run_python, capsys):
+    start = time.perf_counter()
+    proc = run_python("-c", HELP)
+    wall = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\nkoopkit --help: {wall:.2f} s wall (including interpreter start)")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("info", "validate", "import", "plugins"):
+        assert command in proc.stdout
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["code"] == 0
+    assert "torch" not in report["loaded"]  # help never needs the recorder
+    assert wall < 5.0
