@@ -138,6 +138,12 @@ def estimate_groups(
                 f"Estimator {estimator!r} (plugin {entry.plugin!r}) failed on runs {list(group.runs)}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+        if not isinstance(spectrum, Spectrum):
+            entry = lookup("estimator", estimator)
+            raise PluginError(
+                f"Estimator {estimator!r} (plugin {entry.plugin!r}) returned "
+                f"{type(spectrum).__name__}; expected a koopkit.Spectrum."
+            )
         if not np.all(np.isfinite(spectrum.eigenvalues)):
             raise NonFiniteDataError(
                 f"Estimator {estimator!r} gave non-finite eigenvalues for runs {list(group.runs)}."

@@ -41,6 +41,7 @@ _HOOK_OF_KIND = {
 
 
 _DISTRIBUTIONS: dict[str, importlib.metadata.Distribution] = {}
+_FAILURES: dict[str, str] = {}  # plugin name -> why it was skipped, quoted when a name is unknown
 
 
 class PluginLoadWarning(KoopkitWarning, RuntimeWarning):
@@ -96,15 +97,17 @@ def get_plugin_manager() -> pluggy.PluginManager:
         except Exception as exc:  # a broken third-party plugin must not break the CLI
             if pm.get_plugin(ep.name) is not None:
                 pm.unregister(name=ep.name)
-            warnings.warn(
-                f"Plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
-                f"{type(exc).__name__}: {exc}",
-                PluginLoadWarning,
-                stacklevel=2,
-            )
+            _skip(ep.name, f"({ep.value}) failed to load", exc)
             continue
         _DISTRIBUTIONS[ep.name] = ep.dist
     return pm
+
+
+def _skip(plugin_name: str, what: str, exc: Exception) -> None:
+    """Remember and warn (one line) that a broken plugin was skipped."""
+    why = " ".join(f"{what} and was skipped: {type(exc).__name__}: {exc}".split())
+    _FAILURES[plugin_name] = why
+    warnings.warn(f"Plugin {plugin_name!r} {why}", PluginLoadWarning, stacklevel=3)
 
 
 def _distribution(plugin_name: str) -> tuple[str | None, str | None]:
@@ -144,12 +147,7 @@ def registry(kind: str) -> dict[str, Entry]:
         except Exception as exc:
             entries.clear()
             entries.update(snapshot)
-            warnings.warn(
-                f"Plugin {plugin_name!r} failed to register {kind}s and was skipped: "
-                f"{type(exc).__name__}: {exc}",
-                PluginLoadWarning,
-                stacklevel=2,
-            )
+            _skip(plugin_name, f"failed to register {kind}s", exc)
     return entries
 
 
@@ -158,7 +156,8 @@ def lookup(kind: str, name: str) -> Entry:
     entries = registry(kind)
     if name not in entries:
         known = ", ".join(sorted(entries)) or "none"
-        raise UnknownNameError(f"Invalid {kind} {name!r}; known: {known}.")
+        skipped = "".join(f" Plugin {p!r} {why}" for p, why in _FAILURES.items())
+        raise UnknownNameError(f"Invalid {kind} {name!r}; known: {known}.{skipped}")
     return entries[name]
 
 
@@ -181,3 +180,4 @@ def refresh() -> None:
     registry.cache_clear()
     get_plugin_manager.cache_clear()
     _DISTRIBUTIONS.clear()
+    _FAILURES.clear()

@@ -367,7 +367,7 @@ def test_broken_entry_point_is_warned_and_the_cli_still_works(tmp_path):
     done = koopkit_cli("plugins", "--json", site=site)
     assert done.returncode == 0, done.stderr
     warning = (
-        "PluginLoadWarning: Plugin 'broken' (koopkit_fake_broken) failed to load and was "
+        "Warning: Plugin 'broken' (koopkit_fake_broken) failed to load and was "
         "skipped: RuntimeError: boom at import"
     )
     assert warning in done.stderr

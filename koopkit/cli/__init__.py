@@ -20,7 +20,28 @@ Record inside a training loop (Python), then analyse from the shell:
 
 
 class KoopkitGroup(click.Group):
-    """Turns library errors into one line and an exit code; ``--debug`` shows the traceback."""
+    """Turns library errors into one line and an exit code; ``--debug`` shows the traceback.
+
+    Plugin commands are added on first use, so plugins load while the CLI runs (their
+    warnings print as one line) rather than when the module is imported.
+    """
+
+    _plugin_commands_added = False
+
+    def _add_plugin_commands(self):
+        if not self._plugin_commands_added:
+            self._plugin_commands_added = True
+            from ..plugins import get_plugin_manager
+
+            get_plugin_manager().hook.koopkit_register_commands(cli=self)
+
+    def get_command(self, ctx, name):
+        self._add_plugin_commands()
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx):
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
 
     def invoke(self, ctx):
         try:
@@ -62,15 +83,21 @@ def _register_commands():
 
     for module in (info, validate, importing, plugins, analyse, demo):
         module.register(cli)
-    from ..plugins import get_plugin_manager
-
-    get_plugin_manager().hook.koopkit_register_commands(cli=cli)
 
 
 _register_commands()
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings from the CLI as one line on stderr, without source locations."""
+    text = " ".join(str(message).split())
+    print(f"Warning: {text}", file=sys.stderr if file is None else file)
+
+
 def main():
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     try:
         cli(prog_name="koopkit")
     except BrokenPipeError:

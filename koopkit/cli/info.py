@@ -31,6 +31,7 @@ def describe(store) -> dict:
                 "dropped": info.attrs.get("dropped", 0),
                 "nonfinite": info.attrs.get("nonfinite", {}),
                 "series": series,
+                "problems": info.problems,
             }
         )
     analyses = []
@@ -75,7 +76,9 @@ def register(cli):
                 )
             if run["dropped"]:
                 click.echo(f"  dropped snapshots: {run['dropped']}")
-            for path, steps in run["nonfinite"].items():
+            for problem in run["problems"][:3]:
+                click.echo(f"  invalid: {problem}")
+            for path, steps in (run["nonfinite"] if isinstance(run["nonfinite"], dict) else {}).items():
                 click.echo(f"  NaN/Inf in {path} at {len(steps)} step(s), first {steps[:5]}")
         if summary["analyses"]:
             click.echo(f"\nanalyses: {', '.join(summary['analyses'])}")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import RunNotFoundError, SelectionError
+from ..errors import RunNotFoundError, SelectionError, StoreError, ValidationError
 from . import layout
 from .location import open_root
+from .schema import validate_attrs
 
 __all__ = ["open_store", "open_run", "TrajectoryStore", "RunInfo", "CommittedRows", "parse_where"]
 
@@ -21,8 +23,9 @@ class CommittedRows:
     Estimators stream it in column blocks, so nothing is loaded until they ask.
     """
 
-    def __init__(self, array, rows: int):
+    def __init__(self, array, rows: int, where: str = "series"):
         self.array = array
+        self.where = where
         self.shape = (int(rows), *array.shape[1:])
         self.dtype = array.dtype
         self.ndim = array.ndim
@@ -39,7 +42,10 @@ class CommittedRows:
             first = int(first) % self.shape[0]
         else:
             raise TypeError("rows of a stored series are indexed by an int or a slice")
-        return self.array[(first, *rest)]
+        try:
+            return self.array[(first, *rest)]
+        except Exception as exc:  # a chunk that does not decode is the store's fault
+            raise StoreError(f"Cannot read {self.where}: {type(exc).__name__}: {exc}") from exc
 
     def __array__(self, dtype=None, copy=None):
         data = self[:]
@@ -49,7 +55,7 @@ class CommittedRows:
         return self.shape[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunInfo:
     """A run's metadata and the series it holds."""
 
@@ -59,14 +65,31 @@ class RunInfo:
 
     @property
     def tags(self) -> dict:
-        return dict(self.attrs.get("tags") or {})
+        tags = self.attrs.get("tags")
+        return dict(tags) if isinstance(tags, dict) else {}
 
     @property
     def status(self) -> str:
-        return self.attrs.get("status", "unknown")
+        return str(self.attrs.get("status", "unknown"))
 
     def committed(self, path: str) -> int:
-        return int((self.attrs.get("committed_steps") or {}).get(path, 0))
+        committed = self.attrs.get("committed_steps")
+        rows = committed.get(path, 0) if isinstance(committed, dict) else 0
+        return rows if isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0 else 0
+
+    @functools.cached_property
+    def problems(self) -> list[str]:
+        """Why this run's metadata violates the schema (empty when valid)."""
+        return validate_attrs("run", self.attrs)
+
+    def check(self) -> RunInfo:
+        """This run, or a ValidationError when its metadata cannot be trusted for analysis."""
+        if self.problems:
+            more = "; run `koopkit validate` for every reason" if len(self.problems) > 1 else ""
+            raise ValidationError(
+                [f"run {self.run_id!r} has invalid metadata: {self.problems[0]}{more}"]
+            )
+        return self
 
 
 def _is_run(group) -> bool:
@@ -140,6 +163,10 @@ class TrajectoryStore:
         return self._runs
 
     def run(self, run_id: str) -> RunInfo:
+        """A run whose metadata is valid, for analysis."""
+        return self._info(run_id).check()
+
+    def _info(self, run_id: str) -> RunInfo:
         layout.check_run_id(run_id)
         if run_id not in self.runs:
             known = ", ".join(list(self.runs)[:10]) or "none"
@@ -150,7 +177,7 @@ class TrajectoryStore:
         """Runs whose tags match every ``tag=value`` of ``where`` (all runs when empty)."""
         where = dict(where or {})
         return [
-            info
+            info.check()
             for info in self.runs.values()
             if all(key in info.tags and _tag_matches(info.tags[key], v) for key, v in where.items())
         ]
@@ -164,17 +191,20 @@ class TrajectoryStore:
 
     def trajectory(self, run_id: str, path: str = layout.PARAMS) -> CommittedRows:
         """The committed rows of a series as a lazily sliced array, for streaming estimators."""
-        info = self.run(run_id)
+        info = self._info(run_id)
         if path not in info.series:
             raise RunNotFoundError(
                 f"Run {run_id!r} has no series {path!r}; it has: {', '.join(info.series) or 'none'}."
             )
-        value = self.root[f"{layout.run_path(run_id)}/{path}/value"]
-        return CommittedRows(value, min(info.committed(path), value.shape[0]))
+        where = f"{layout.run_path(run_id)}/{path}/value"
+        value = self.root[where]
+        return CommittedRows(
+            value, min(info.committed(path), value.shape[0]), f"{where} in {self.url!r}"
+        )
 
     def steps(self, run_id: str, path: str = layout.PARAMS) -> np.ndarray:
         """The optimizer step of each committed row of a series."""
-        info = self.run(run_id)
+        info = self._info(run_id)
         step = self.root[f"{layout.run_path(run_id)}/{path}/step"]
         return np.asarray(step[: min(info.committed(path), step.shape[0])])
 

@@ -143,8 +143,29 @@ def _walk_runs(group, prefix, reasons, depth=0) -> int:
     return count
 
 
+def _unsafe_zip_members(url) -> list[str]:
+    """Members of a zip store whose names could escape a folder if someone extracted them."""
+    import os
+    import zipfile
+
+    if not os.fspath(url).endswith(".zip"):
+        return []
+    try:
+        names = zipfile.ZipFile(url).namelist()
+    except (OSError, zipfile.BadZipFile):
+        return []  # opening the store reports it
+    return [
+        f"zip member {name[:80]!r} has an unsafe name (absolute, '..', backslash or NUL)"
+        for name in names
+        if name.startswith("/") or "\\" in name or "\0" in name or ".." in name.split("/")
+    ]
+
+
 def validate_store(url) -> tuple[list[str], int]:
     """All reasons the store is invalid (empty when valid) and the number of runs checked."""
+    unsafe = _unsafe_zip_members(url)
+    if unsafe:
+        return unsafe, 0
     try:
         root = open_root(url)
     except StoreError as exc:

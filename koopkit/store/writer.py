@@ -163,6 +163,8 @@ class SeriesWriter:
     def append(self, steps, rows) -> bool:
         """Buffer rows; write every chunk row that fills. True when anything was written."""
         steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        if steps.size == 0:
+            return False
         rows = np.asarray(rows).reshape(len(steps), *self.spec.row_shape)
         self._check_steps(steps)
         self._note_nonfinite(steps, rows)

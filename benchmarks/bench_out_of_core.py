@@ -1,0 +1,159 @@
+"""3. Out-of-core DMD: a store of ``features x steps`` float32 recorded by ``koopkit.Recorder``,
+estimated by ``dmd`` (rank 20) straight from the store, against reading the store once.
+
+The store is written first (its time is reported too), then read once (``numpy.sum`` over
+every chunk, one column band of whole chunks at a time) and estimated, each in a fresh
+process. Both run on a warm page cache. Targets (full size, 5 000 000 x 1 000 = 20 GB):
+peak RSS < 2 GB, wall time <= 2x the read. The full size is skipped when the disk lacks room.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import common
+from common import CaseFailed, PeakMemory, Result, measure, median, run_case, skipped
+
+NAME = "out-of-core"
+SIZES = {"tiny": (20_000, 50), "small": (500_000, 1000), "full": (5_000_000, 1000)}
+RUN = "walk"
+RANK = 20
+
+
+def write_store(path: str, features: int, steps: int) -> dict:
+    """Record a random walk of ``steps`` snapshots (initial one included) with the Recorder."""
+    import torch
+
+    import koopkit
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.randn(features))
+    drift = 0.001 * torch.randn(features)
+    start = time.perf_counter()
+    with torch.no_grad(), koopkit.Recorder(path, RUN, model, every=1) as rec:
+        for _ in range(steps - 1):
+            model.weight.add_(drift).add_(torch.randn(features), alpha=0.01)
+            rec.step()
+    return {"seconds": time.perf_counter() - start, "bytes": _disk_bytes(path)}
+
+
+def read_once(path: str, repeat: int) -> dict:
+    """Sum every stored value, one band of whole chunks at a time: the I/O floor of a pass."""
+    import numpy as np
+
+    from koopkit.store.reader import open_store
+
+    view = open_store(path).trajectory(RUN, "params")
+    width = view.chunks[1]
+
+    def read():
+        return sum(
+            float(np.sum(view[:, start : start + width], dtype=np.float64))
+            for start in range(0, view.shape[1], width)
+        )
+
+    times, peak, _ = measure(read, repeat)
+    return {"times": times, "peak_mib": peak, "peak_rss_mib": common.hwm_mib()}
+
+
+def estimate(path: str, repeat: int, block_bytes: int | None = None) -> dict:
+    import koopkit
+    from koopkit.store.reader import open_store
+
+    view = open_store(path).trajectory(RUN, "params")
+    params = {"rank": RANK} if block_bytes is None else {"rank": RANK, "block_bytes": block_bytes}
+    koopkit.estimate(view[:, :1000], "dmd", rank=5)  # warm-up: plugin and library imports
+    with PeakMemory() as whole:  # the absolute high-water mark, imports and all
+        times, peak, spectrum = measure(lambda: koopkit.estimate(view, "dmd", **params), repeat)
+    return {
+        "times": times,
+        "peak_mib": peak,
+        "peak_rss_mib": whole.peak_mib,
+        "method": spectrum.meta["method"],
+        "chunks": list(view.chunks),
+    }
+
+
+def _disk_bytes(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(path)
+        for name in names
+    )
+
+
+def run(size: str, repeat: int) -> list[Result]:
+    features, steps = SIZES[size]
+    label = f"{features} x {steps} float32"
+    workdir = common.WORKDIR or tempfile.gettempdir()
+    need = features * steps * 4 + 2**30
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        why = f"needs {need / 2**30:.1f} GiB free in {workdir}, has {free / 2**30:.1f} GiB"
+        return [skipped(NAME, f"dmd from store, {label}", why)]
+    folder = tempfile.mkdtemp(prefix="koopkit-bench-", dir=workdir)
+    path = os.path.join(folder, "store.zarr")
+    try:
+        return _run(path, features, steps, label, repeat)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run(path, features, steps, label, repeat) -> list[Result]:
+    try:
+        written = run_case(
+            "bench_out_of_core", "write_store", path=path, features=features, steps=steps
+        )
+        read = run_case("bench_out_of_core", "read_once", path=path, repeat=repeat)
+        dmd = run_case("bench_out_of_core", "estimate", path=path, repeat=repeat)
+        band = dmd["chunks"][1] * steps * 8  # one full-height band of whole chunks, as float64
+        banded = run_case(
+            "bench_out_of_core", "estimate", path=path, repeat=repeat, block_bytes=band
+        )
+    except CaseFailed as exc:
+        return [Result(NAME, f"dmd from store, {label}", note=f"failed: {exc}")]
+    gib = written["bytes"] / 2**30
+    rows = [
+        Result(
+            NAME,
+            f"write store (Recorder, every step), {label}",
+            written["seconds"],
+            [written["seconds"]],
+            note=f"{gib:.2f} GiB on disk, {gib / written['seconds']:.2f} GiB/s",
+        ),
+        Result(
+            NAME,
+            f"read once (numpy sum over chunks), {label}",
+            median(read["times"]),
+            read["times"],
+            read["peak_mib"],
+            note=f"peak RSS {read['peak_rss_mib']:.0f} MiB",
+        ),
+    ]
+    row = Result(
+        NAME, f"dmd from store, {label}", median(dmd["times"]), dmd["times"], dmd["peak_mib"]
+    )
+    row.ratio = row.median_s / rows[1].median_s
+    row.vs = "{ratio:.2f}x the read"
+    row.note = (
+        f"peak RSS {dmd['peak_rss_mib']:.0f} MiB; method {dmd['method']}; chunks {dmd['chunks']}"
+    )
+    row.target = "peak RSS < 2 GB, <= 2x the read"
+    row.met = dmd["peak_rss_mib"] < 2000 * 1e6 / 2**20 and row.ratio <= 2
+    rows.append(row)
+    row = Result(
+        NAME,
+        f"dmd, block_bytes = one band of chunks ({band / 2**20:.0f} MiB; diagnostic), {label}",
+        median(banded["times"]),
+        banded["times"],
+        banded["peak_mib"],
+        ratio=median(banded["times"]) / rows[1].median_s,
+        vs="{ratio:.2f}x the read",
+        note=f"peak RSS {banded['peak_rss_mib']:.0f} MiB",
+    )
+    rows.append(row)
+    return rows

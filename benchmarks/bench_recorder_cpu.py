@@ -1,0 +1,232 @@
+"""4. Recorder overhead on CPU: an MLP 784-1024-1024-10, SGD, batch 128.
+
+Per training step, against the bare step measured in the same process: ``koopkit.Recorder``
+every step and every 10 steps, a CountSketch (k = 4096) every step, ``torch.save(state_dict)``
+per snapshot, and synchronous copies of the flat parameters into a list. Each repetition
+runs every case (in a shuffled order) for ``steps`` timed steps after ``warmup`` steps. The
+steady state is timed; the final flush (``Recorder.close``, paid once per run) is reported
+beside it. The overhead is the median over repetitions of ``case / bare - 1``. Targets at every 10 steps: < 10% over the bare step and
+<= 1/5 of torch.save's overhead; sketch every step: < 5%.
+
+Only torch, numpy and koopkit are imported (the Recorder itself needs zarr to write).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+
+import common
+from common import CaseFailed, PeakMemory, Result, median, run_case, skipped
+
+NAME = "recorder-cpu"
+SIZES = {
+    "tiny": {"width": 64, "steps": 10, "warmup": 2},
+    "small": {"width": 1024, "steps": 200, "warmup": 10},
+    "full": {"width": 1024, "steps": 300, "warmup": 20},
+}
+SKETCH = 4096
+CASES = {  # name -> (kind, every)
+    "bare": ("bare", None),
+    "Recorder every step": ("recorder", 1),
+    "Recorder every 10": ("recorder", 10),
+    f"Recorder sketch k={SKETCH} every step": ("sketch", 1),
+    "torch.save every step": ("save", 1),
+    "torch.save every 10": ("save", 10),
+    "list copies every step": ("list", 1),
+    "list copies every 10": ("list", 10),
+}
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def mlp_workload(device: str, width: int = 1024, batch: int = 128):
+    """A model and one SGD step on a fixed random batch."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, 10),
+    ).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 784, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+# -- what happens after each step ------------------------------------------------------------
+
+
+class Hook:
+    """Bare: nothing after the step."""
+
+    def __init__(self, model, folder: str, every: int | None):
+        self.model, self.folder, self.every, self.count = model, folder, every, 0
+
+    def step(self, loss):
+        pass
+
+    def close(self):
+        pass
+
+
+class RecorderHook(Hook):
+    def __init__(self, model, folder, every, sketch=None):
+        import koopkit
+
+        super().__init__(model, folder, every)
+        store = os.path.join(folder, "store.zarr")
+        self.rec = koopkit.Recorder(store, "bench", model, every=every, sketch=sketch).open()
+
+    def step(self, loss):
+        self.rec.step(loss=loss)
+
+    def close(self):
+        self.rec.close()
+
+
+class SaveHook(Hook):
+    """``torch.save(model.state_dict())`` to one file per snapshot."""
+
+    def step(self, loss):
+        import torch
+
+        self.count += 1
+        if self.count % self.every == 0:
+            torch.save(self.model.state_dict(), os.path.join(self.folder, f"{self.count}.pt"))
+
+
+class ListHook(Hook):
+    """A synchronous host copy of the flat parameters, appended to a list."""
+
+    def __init__(self, model, folder, every):
+        super().__init__(model, folder, every)
+        self.snapshots = []
+
+    def step(self, loss):
+        import torch
+
+        self.count += 1
+        if self.count % self.every == 0:
+            flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+            self.snapshots.append(flat.cpu())
+
+
+def make_hook(kind, model, folder, every):
+    if kind == "recorder":
+        return RecorderHook(model, folder, every)
+    if kind == "sketch":
+        return RecorderHook(model, folder, every, sketch=SKETCH)
+    return {"bare": Hook, "save": SaveHook, "list": ListHook}[kind](model, folder, every)
+
+
+# -- the timed loop (runs in a child process) ------------------------------------------------
+
+
+def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
+    """Per case and repetition: seconds per step in steady state, and the final flush (close).
+
+    Also each case's peak extra host RSS. The steps are timed without the final flush, which
+    a long training run pays once; it is reported on its own.
+    """
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out = {key: {name: [] for name in cases} for key in ("times", "flush", "peaks")}
+    order = list(cases)
+    for rep in range(repeat):
+        random.Random(rep).shuffle(order)
+        for name in order:
+            kind, every = cases[name]
+            folder = tempfile.mkdtemp(prefix="koopkit-bench-", dir=common.WORKDIR)
+            try:
+                with PeakMemory() as peak:
+                    hook = make_hook(kind, model, folder, every)
+                    for _ in range(warmup):
+                        hook.step(step())
+                    sync()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        hook.step(step())
+                    sync()
+                    stop = time.perf_counter()
+                    hook.close()
+                    out["flush"][name].append(time.perf_counter() - stop)
+                    out["times"][name].append((stop - start) / steps)
+                    del hook
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            out["peaks"][name].append(peak.extra_mib)
+    out["peaks"] = {
+        n: max((p for p in v if p is not None), default=None) for n, v in out["peaks"].items()
+    }
+    return out
+
+
+def case(width: int, steps: int, warmup: int, repeat: int) -> dict:
+    model, step = mlp_workload("cpu", width)
+    return time_cases(model, step, CASES, steps, warmup, repeat, "cpu")
+
+
+# -- rows ------------------------------------------------------------------------------------
+
+
+def rows(name: str, label: str, out: dict, every, sketch) -> list[Result]:
+    """One row per case; overheads are medians of per-repetition ratios to the bare step.
+
+    ``every`` and ``sketch`` are (target text, limit in %) for the Recorder every 10 steps
+    and the sketch every step.
+    """
+    times = out["times"]
+    bare = times["bare"]
+    overhead = {
+        case: median([100 * (t / b - 1) for t, b in zip(ts, bare, strict=True)])
+        for case, ts in times.items()
+    }
+    results = []
+    for case, ts in times.items():
+        row = Result(name, f"{case}, {label}", median(ts), ts, out["peaks"][case])
+        flush = median(out["flush"][case])
+        if flush > 1e-3:
+            row.note = f"final flush {flush:.3g} s"
+        if case != "bare":
+            row.ratio, row.vs = overhead[case], "{ratio:+.1f}% over bare step"
+        if case == "Recorder every 10":
+            save = overhead["torch.save every 10"]
+            row.target = f"{every[0]}, <= 1/5 of torch.save's overhead"
+            row.met = row.ratio <= every[1] and row.ratio <= max(save, 0) / 5
+            row.note += f"; torch.save every 10: {save:+.1f}%"
+        elif case.startswith("Recorder sketch"):
+            row.target, row.met = sketch[0], row.ratio <= sketch[1]
+        results.append(row)
+    return results
+
+
+def run(size: str, repeat: int) -> list[Result]:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return [skipped(NAME, "all", "torch is not installed")]
+    params = SIZES[size]
+    label = f"MLP 784-{params['width']}-{params['width']}-10, batch 128, per step"
+    try:
+        out = run_case("bench_recorder_cpu", "case", repeat=repeat, **params)
+    except CaseFailed as exc:
+        return [Result(NAME, label, note=f"failed: {exc}")]
+    return rows(NAME, label, out, ("< 10%", 10), ("< 5%", 5))
