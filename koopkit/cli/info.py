@@ -78,7 +78,9 @@ def register(cli):
                 click.echo(f"  dropped snapshots: {run['dropped']}")
             for problem in run["problems"][:3]:
                 click.echo(f"  invalid: {problem}")
-            for path, steps in (run["nonfinite"] if isinstance(run["nonfinite"], dict) else {}).items():
+            for path, steps in (
+                run["nonfinite"] if isinstance(run["nonfinite"], dict) else {}
+            ).items():
                 click.echo(f"  NaN/Inf in {path} at {len(steps)} step(s), first {steps[:5]}")
         if summary["analyses"]:
             click.echo(f"\nanalyses: {', '.join(summary['analyses'])}")
