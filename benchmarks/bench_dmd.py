@@ -18,6 +18,7 @@ from common import (
     complex_to_json,
     max_eig_error,
     measure,
+    median,
     random_walk,
     run_case,
     skipped,
@@ -115,8 +116,6 @@ def run(size: str, repeat: int) -> list[Result]:
 
 
 def _row(case_name, library, out, dtype) -> Result:
-    from common import median
-
     mine = out[library]
     row = Result(NAME, case_name, median(mine["times"]), mine["times"], mine["peak_mib"])
     peer = out.get("PyDMD")

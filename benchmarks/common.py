@@ -310,7 +310,7 @@ def markdown_table(results: list[Result]) -> str:
             vs = f"{vs}; {r.note}" if vs else r.note
         met = {True: "yes", False: "**no**", None: ""}[r.met]
         cells = [r.benchmark, r.case, _fmt(r.median_s), _fmt(r.peak_mib), vs, r.target, met]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -86,7 +86,8 @@ def plot_comparison(comparison, path):
             p = comparison.p_value_holm[i, j]
             if not np.isnan(p):
                 text += f"\np={p:.3g}"
-            ax.text(j, i, text, ha="center", va="center", color="w", fontsize=8)
+            light = mean[i, j] > 0.5 * np.nanmax(mean)  # dark text on the bright cells
+            ax.text(j, i, text, ha="center", va="center", color="k" if light else "w", fontsize=8)
     ax.set_title("distances (Holm p-values)")
 
     if has_null:

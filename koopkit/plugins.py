@@ -8,6 +8,7 @@ Discovery is lazy and cached: nothing is imported until a registry is first aske
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import os
 import warnings
@@ -54,11 +55,25 @@ class Entry:
 
     name: str
     kind: str
-    factory: Any
+    target: Any  # the factory, or "package.module:attribute" imported on first use
     plugin: str
     package: str | None
     version: str | None
     info: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def factory(self):
+        """The factory itself; a string target is imported now, so listing stays cheap."""
+        if not isinstance(self.target, str):
+            return self.target
+        module, _, attribute = self.target.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError) as exc:
+            raise PluginError(
+                f"Plugin {self.plugin!r} registered {self.kind} {self.name!r} as {self.target!r}, "
+                f"which cannot be imported: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def to_json(self) -> dict:
         return {

@@ -8,9 +8,11 @@ import torch
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from koopkit_dmd import DMD, HankelDMD, PCAHankelDMD
+from koopkit_dmd.estimators import DMD, HankelDMD, PCAHankelDMD
 from scipy.optimize import linear_sum_assignment
 
+import koopkit
+import koopkit.plugins
 from koopkit.errors import EstimationError, InsufficientDataError, NonFiniteDataError
 from koopkit.results import Spectrum
 
@@ -154,10 +156,11 @@ def test_registers_the_three_estimators():
         register=lambda name, factory, **info: registered.update({name: (factory, info)})
     )
     assert {name: factory for name, (factory, _) in registered.items()} == {
-        "dmd": DMD,
-        "hankel-dmd": HankelDMD,
-        "pca-hankel": PCAHankelDMD,
+        "dmd": "koopkit_dmd.estimators:DMD",  # imported on first use, so listing stays light
+        "hankel-dmd": "koopkit_dmd.estimators:HankelDMD",
+        "pca-hankel": "koopkit_dmd.estimators:PCAHankelDMD",
     }
+    assert koopkit.plugins.lookup("estimator", "hankel-dmd").factory is HankelDMD
     assert all(info["description"] for _, info in registered.values())
 
 

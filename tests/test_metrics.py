@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from koopkit_spectral_metrics import LogWasserstein, MatchedMean, Wasserstein
+from koopkit_spectral_metrics.matching import MatchedMean
+from koopkit_spectral_metrics.wasserstein import LogWasserstein, Wasserstein
 
 import koopkit.plugins
 from koopkit.errors import EstimationError, NonFiniteDataError

@@ -8,8 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from koopkit_significance import BootstrapTest, EigenSwapControl, PermutationTest
-from koopkit_spectral_metrics import MatchedMean, Wasserstein
+from koopkit_significance.bootstrap import BootstrapTest
+from koopkit_significance.eigen_swap import EigenSwapControl
+from koopkit_significance.permutation import PermutationTest
+from koopkit_spectral_metrics.matching import MatchedMean
+from koopkit_spectral_metrics.wasserstein import Wasserstein
 from scipy.stats import binom
 
 import koopkit.plugins

@@ -290,7 +290,7 @@ def test_factory_errors_name_the_check():
 
 
 def _wasserstein(a, b):
-    from koopkit_spectral_metrics import Wasserstein
+    from koopkit_spectral_metrics.wasserstein import Wasserstein
 
     return Wasserstein()(a, b)
 

@@ -86,10 +86,11 @@ class _Estimator:
         params = ", ".join(f"{name}={value!r}" for name, value in self.get_params().items())
         return f"{type(self).__name__}({params})"
 
-    def _first_method(self, trajectories: Trajectories) -> str:
+    def _first_method(self, features: int, snapshots: int) -> str:
+        """The small side: factor in feature space when the (embedded) features are fewer."""
         if self.method != "auto":
             return self.method
-        return "svd" if trajectories.features <= trajectories.steps else "gram"
+        return "svd" if features <= snapshots else "gram"
 
     def _raw_factor(self, trajectories: Trajectories, method: str, get_gram) -> np.ndarray:
         """Factor ``F`` of the uncentered snapshots, ``Z^T = Q F``, by ``"svd"`` or ``"qr"``."""
@@ -224,7 +225,7 @@ class DMD(_Estimator):
         lengths = embedded_lengths(trajectories.lengths, delays)
         get_gram = self._gram_getter(trajectories)
 
-        method = self._first_method(trajectories)
+        method = self._first_method(features, int(sum(lengths)))
         dmd = self._exact_dmd(trajectories, method, get_gram, lengths, features)
         if self.method == "auto" and method == "gram":
             gram_scale = (delays + 1) * np.linalg.norm(get_gram())
@@ -398,7 +399,7 @@ class PCAHankelDMD(_Estimator):
         self._check_sizes(trajectories, self.delays, features)
         get_gram = self._gram_getter(trajectories)
 
-        method = self._first_method(trajectories)
+        method = self._first_method(trajectories.features, trajectories.steps)
         scores = self._scores(trajectories, method, get_gram)
         if scores is None:  # the Gram cannot resolve the last component
             method = "qr"

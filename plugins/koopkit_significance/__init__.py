@@ -13,30 +13,24 @@ distances between spectra, and has only ``run``.
 
 import koopkit
 
-from .bootstrap import BootstrapTest
-from .eigen_swap import EigenSwapControl
-from .permutation import PermutationTest
-
-__all__ = ["PermutationTest", "EigenSwapControl", "BootstrapTest"]
-
 
 @koopkit.hookimpl
 def koopkit_register_tests(register):
     register(
         "permutation",
-        PermutationTest,
+        "koopkit_significance.permutation:PermutationTest",
         description="Two-sample permutation test on runs: mean between minus mean within "
         "distance (exact enumeration when small).",
     )
     register(
         "eigen-swap",
-        EigenSwapControl,
+        "koopkit_significance.eigen_swap:EigenSwapControl",
         description="Randomized swap control of Redman et al. (2024), one-sided by "
         "construction; for reproducing published figures.",
     )
     register(
         "bootstrap",
-        BootstrapTest,
+        "koopkit_significance.bootstrap:BootstrapTest",
         description="Percentile bootstrap interval of the mean between-condition distance, "
         "resampling runs.",
     )

@@ -6,28 +6,23 @@ Each factory takes the metric's parameters and returns a callable
 
 import koopkit
 
-from .matching import MatchedMean
-from .wasserstein import LogWasserstein, Wasserstein
-
-__all__ = ["Wasserstein", "LogWasserstein", "MatchedMean"]
-
 
 @koopkit.hookimpl
 def koopkit_register_metrics(register):
     register(
         "wasserstein",
-        Wasserstein,
+        "koopkit_spectral_metrics.wasserstein:Wasserstein",
         description="Exact 1-Wasserstein distance between eigenvalues in the complex plane "
         "(uniform or amplitude weights).",
     )
     register(
         "wasserstein-log",
-        LogWasserstein,
+        "koopkit_spectral_metrics.wasserstein:LogWasserstein",
         description="1-Wasserstein distance between continuous-time rates log(eigenvalue)/dt.",
     )
     register(
         "matched-mean",
-        MatchedMean,
+        "koopkit_spectral_metrics.matching:MatchedMean",
         description="Optimal-matching mean of Redman et al. (equal sizes only); equals "
         "'wasserstein' there.",
     )
