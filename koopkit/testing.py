@@ -23,7 +23,7 @@ and must not add any (no centering, which adds an eigenvalue 1).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -211,13 +211,13 @@ def _fit(factory, params, trajectories) -> Spectrum:
     return spectrum
 
 
-def _selected(checks, skip) -> Iterator[tuple[str, Callable]]:
+def _selected(checks, skip) -> list[tuple[str, Callable]]:
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     names = {name for name, _ in checks}
     unknown = sorted(set(skip) - names)
     if unknown:
         raise ValueError(f"Invalid check names {unknown}; known: {', '.join(sorted(names))}.")
-    return ((name, check) for name, check in checks if name not in skip)
+    return [(name, check) for name, check in checks if name not in skip]  # parametrize needs a list
 
 
 def _run_all(what: str, checks, factory, skip, params) -> None:
@@ -234,12 +234,12 @@ def _run_all(what: str, checks, factory, skip, params) -> None:
         ) from failures[0]
 
 
-def estimator_checks(skip=()) -> Iterator[tuple[str, Callable]]:
+def estimator_checks(skip=()) -> list[tuple[str, Callable]]:
     """``(name, check)`` of every estimator check; ``check(factory, **params)``."""
     return _selected(_ESTIMATOR_CHECKS, skip)
 
 
-def metric_checks(skip=()) -> Iterator[tuple[str, Callable]]:
+def metric_checks(skip=()) -> list[tuple[str, Callable]]:
     """``(name, check)`` of every metric check; ``check(factory, **params)``."""
     return _selected(_METRIC_CHECKS, skip)
 
