@@ -1,0 +1,78 @@
+"""Experiments 1 and 2 of Redman et al. (2024) through koopkit: the qualitative results hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import koopkit
+from koopkit.experiments import fcn, optimizers
+from koopkit.store.validate import validate_store
+
+
+@pytest.fixture(scope="module")
+def optimizer_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("optimizers") / "runs.zarr"
+    optimizers.record(store)
+    return store
+
+
+def _pair(comparison, a, b):
+    i, j = comparison.conditions.index(a), comparison.conditions.index(b)
+    return comparison.distance_mean[i, j], comparison.p_value[i, j]
+
+
+def test_omd_and_ogd_are_far_closer_than_ogd_and_bisection(optimizer_store):
+    assert validate_store(optimizer_store)[0] == []
+    comparison, pooled = optimizers.analyse(optimizer_store, n_perm=999, save=False)
+    w_conjugate, p_conjugate = _pair(comparison, "ogd", "omd")
+    w_bisection, p_bisection = _pair(comparison, "bisection", "ogd")
+    assert 10 * w_conjugate < w_bisection
+    assert p_bisection < 0.01  # 5 + 5 replicates: exact p = 2/252
+    assert p_conjugate > 0.05
+    assert _pair(pooled, "ogd", "omd")[0] < 0.05 < 0.3 < _pair(pooled, "bisection", "ogd")[0]
+
+
+def test_spectra_are_deterministic(optimizer_store):
+    store = koopkit.open_store(optimizer_store)
+    runs = [info.run_id for info in store.select({"method": "omd"})]
+    trajectories = [store.trajectory(run) for run in runs]
+    first = koopkit.estimate(trajectories, "hankel-dmd", delays=4)
+    second = koopkit.estimate(trajectories, "hankel-dmd", delays=4)
+    assert np.array_equal(first.eigenvalues, second.eigenvalues)
+    assert first.rank == 10  # 2 coordinates x (4 delays + 1), full rank
+
+
+def test_original_grid_is_not_the_conjugate_image(tmp_path):
+    conjugate, original = optimizers.starting_grids(True), optimizers.starting_grids(False)
+    np.testing.assert_allclose(np.exp(conjugate["ogd"]), conjugate["omd"])
+    assert not np.allclose(np.exp(original["ogd"]), original["omd"])
+
+
+def test_reduced_width_experiment_runs_end_to_end(tmp_path):
+    store = tmp_path / "runs.zarr"
+    fcn.record(store, widths=(5, 40), seeds=(0, 1), inits=2, steps=60)
+    assert validate_store(store)[0] == []
+    comparison = fcn.analyse(store, delays=2, rank=6, n_perm=99, save=True)
+    assert comparison.conditions == ["5", "40"]
+    assert comparison.distance_mean.shape == (2, 2) and np.isfinite(comparison.distance_mean).all()
+    assert [len(r.group.runs) for r in comparison.spectra] == [2, 2, 2, 2]  # inits fit jointly
+    assert koopkit.open_store(store).root["analyses"]  # saved with provenance
+
+
+def test_nearby_initialisations_are_close_but_distinct():
+    import torch
+
+    torch.manual_seed(0)
+    base = fcn.FCN(64, 5)
+    nets = fcn.nearby_initialisations(base, 3, seed=0)
+    w0, w1 = nets[0].fc2.weight.detach(), nets[1].fc2.weight.detach()
+    assert not torch.equal(w0, w1)
+    assert torch.all((w1 / w0 - 1).abs() <= 0.001 + 1e-7)
+
+
+@pytest.mark.slow
+def test_full_experiment_one_matches_the_paper(optimizer_store):
+    _, pooled = optimizers.analyse(optimizer_store, n_perm=10_000, save=False)
+    assert _pair(pooled, "ogd", "omd")[0] < 0.05
+    assert _pair(pooled, "bisection", "ogd")[0] > 0.3
