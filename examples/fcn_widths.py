@@ -38,14 +38,12 @@ def main(argv=None):
     comparison = fcn.analyse(store, delays=args.delays, rank=args.rank, progress=True)
     plot_comparison(comparison, out / "fcn.png")
     (out / "summary.json").write_text(json.dumps(comparison.to_json(), indent=2))
-    names = comparison.conditions
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            print(
-                f"h={names[i]} vs h={names[j]}: W = {comparison.distance_mean[i, j]:.4g} "
-                f"± {comparison.distance_std[i, j]:.2g}, p = {comparison.p_value[i, j]:.3g} "
-                f"(Holm {comparison.p_value_holm[i, j]:.3g})"
-            )
+    for pair in comparison.pairs():
+        a, b = pair["pair"]
+        print(
+            f"h={a} vs h={b}: W = {pair['distance']:.4g} ± {pair['distance_std']:.2g}, "
+            f"p = {pair['p_value']:.3g} (Holm {pair['p_value_holm']:.3g})"
+        )
     return comparison
 
 

@@ -40,14 +40,13 @@ def main(argv=None):
     plot_comparison(comparison, out / "optimizers.png")
     result = {"replicates": comparison.to_json(), "pooled": pooled.to_json()}
     (out / "summary.json").write_text(json.dumps(result, indent=2))
-    names = pooled.conditions
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            print(
-                f"{names[i]} vs {names[j]}: pooled W = {pooled.distance_mean[i, j]:.4g}, "
-                f"replicate W = {comparison.distance_mean[i, j]:.4g}, p = {comparison.p_value[i, j]:.3g} "
-                f"(Holm {comparison.p_value_holm[i, j]:.3g})"
-            )
+    for pooled_pair, pair in zip(pooled.pairs(), comparison.pairs(), strict=True):
+        a, b = pair["pair"]
+        print(
+            f"{a} vs {b}: pooled W = {pooled_pair['distance']:.4g}, "
+            f"replicate W = {pair['distance']:.4g}, p = {pair['p_value']:.3g} "
+            f"(Holm {pair['p_value_holm']:.3g})"
+        )
     return result
 
 

@@ -185,6 +185,19 @@ class Comparison:
     n_perm: int | None = None
     note: str | None = None
 
+    def pairs(self) -> list[dict]:
+        """One entry per pair of conditions: distance (mean, std), p-value and Holm p-value."""
+        return [
+            {
+                "pair": [self.conditions[i], self.conditions[j]],
+                "distance": float(self.distance_mean[i, j]),
+                "distance_std": float(self.distance_std[i, j]),
+                "p_value": float(self.p_value[i, j]),
+                "p_value_holm": float(self.p_value_holm[i, j]),
+            }
+            for i, j in itertools.combinations(range(len(self.conditions)), 2)
+        ]
+
     def to_json(self) -> dict:
         matrix = lambda m: [[None if np.isnan(x) else float(x) for x in row] for row in m]  # noqa: E731
         return {

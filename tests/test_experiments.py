@@ -31,6 +31,9 @@ def test_omd_and_ogd_are_far_closer_than_ogd_and_bisection(optimizer_store):
     assert p_bisection < 0.01  # 5 + 5 replicates: exact p = 2/252
     assert p_conjugate > 0.05
     assert _pair(pooled, "ogd", "omd")[0] < 0.05 < 0.3 < _pair(pooled, "bisection", "ogd")[0]
+    pairs = {tuple(p["pair"]): p for p in comparison.pairs()}
+    assert pairs[("ogd", "omd")]["distance"] == w_conjugate
+    assert pairs[("bisection", "ogd")]["p_value"] == p_bisection
 
 
 def test_spectra_are_deterministic(optimizer_store):
@@ -76,3 +79,25 @@ def test_full_experiment_one_matches_the_paper(optimizer_store):
     _, pooled = optimizers.analyse(optimizer_store, n_perm=10_000, save=False)
     assert _pair(pooled, "ogd", "omd")[0] < 0.05
     assert _pair(pooled, "bisection", "ogd")[0] > 0.3
+
+
+def test_demo_summary_gives_a_verdict_per_pair(optimizer_store):
+    from koopkit.experiments import demo
+
+    comparison, pooled = optimizers.analyse(optimizer_store, n_perm=999, save=False)
+    pairs = demo._pairs(comparison)
+    verdicts = {tuple(p["pair"]): p["verdict"] for p in pairs}
+    assert verdicts[("bisection", "ogd")] == "not conjugate"
+    assert verdicts[("ogd", "omd")] == "conjugate (not separated)"
+    summary = {
+        "store": "s",
+        "optimizers": {
+            "pairs": pairs,
+            "pooled_distance": demo._pooled(pooled),
+            "paper_pooled_distance": {},
+        },
+        "fcn": {"seeds": [0], "inits": 1, "steps": 1, "pairs": pairs},
+        "seconds": 1.0,
+    }
+    text = demo.format_summary(summary)
+    assert "ogd vs omd" in text and "-> not conjugate" in text and "W(ogd-omd)" in text

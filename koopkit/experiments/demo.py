@@ -27,20 +27,7 @@ def verdict(p_holm: float) -> str:
 
 
 def _pairs(comparison) -> list[dict]:
-    names = comparison.conditions
-    out = []
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            out.append(
-                {
-                    "pair": [names[i], names[j]],
-                    "distance": float(comparison.distance_mean[i, j]),
-                    "p_value": float(comparison.p_value[i, j]),
-                    "p_value_holm": float(comparison.p_value_holm[i, j]),
-                    "verdict": verdict(comparison.p_value_holm[i, j]),
-                }
-            )
-    return out
+    return [{**pair, "verdict": verdict(pair["p_value_holm"])} for pair in comparison.pairs()]
 
 
 def _pooled(comparison) -> dict:
