@@ -25,6 +25,7 @@ far from the other four.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import shutil
@@ -207,6 +208,9 @@ def train_all(store, args) -> None:
         for condition in CONDITIONS:
             for init in range(args.inits):
                 train_run(store, condition, seed, init, args, data)
+                # A closed Recorder's ring buffers (128 MiB here) sit in a reference cycle;
+                # free them now, not at the next full collection (3.6 GB peak without this).
+                gc.collect()
                 done += 1
                 elapsed = time.perf_counter() - started
                 log(f"[{done}/{total}] {condition} seed={seed} init={init} ({elapsed:.0f} s)")
@@ -323,6 +327,8 @@ def parse_args(argv):
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.seeds < 2:  # fail before training, not after
+        parser.error(f"Expected --seeds of at least 2, the test's replicates. Got {args.seeds}.")
     return args
 
 

@@ -121,6 +121,13 @@ def test_grokking_is_deterministic(grokking, tmp_path):
     assert all(len(s) == 4 for s in spectra[0])
 
 
+def test_grokking_rejects_a_single_seed_before_training(grokking, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        grokking.main(["--quick", "--seeds", "1", "--out", str(tmp_path)])
+    assert "--seeds of at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "runs.zarr").exists()
+
+
 # -- CNN early phase ---------------------------------------------------------------------------
 
 
