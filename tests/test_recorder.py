@@ -5,9 +5,12 @@ Also the pieces it is built from: schedules, sketches, back-pressure and write f
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
+import threading
 import time
+import weakref
 
 import fsspec
 import numpy as np
@@ -989,12 +992,60 @@ def test_countsketch_hashing_on_the_fly_equals_cached_tables(monkeypatch):
     torch.testing.assert_close(sketch.project([x], torch.empty(32, dtype=torch.float64)), cached)
 
 
-def test_countsketch_is_a_signed_bucket_map():
+def test_countsketch_is_a_signed_bucket_map_rotating_each_tile():
     n, k = 500, 16
     sketch = sk.make_sketch("countsketch", k, n, 3, "cpu")
     matrix = torch.stack([sketch.project([e], torch.empty(k)) for e in torch.eye(n)], dim=1)
     assert set(matrix.unique().tolist()) <= {-1.0, 0.0, 1.0}
     assert torch.all((matrix != 0).sum(dim=0) == 1)  # each coordinate lands in exactly one bucket
+    buckets = (matrix != 0).int().argmax(dim=0)
+    rotations = set()
+    for start in range(0, n, k):  # coordinate t * k + j lands in bucket (j + a_t) mod k
+        tile = buckets[start : start + k]
+        rotation = int(tile[0])
+        assert tile.tolist() == [(j + rotation) % k for j in range(len(tile))]
+        rotations.add(rotation)
+    assert len(rotations) >= k // 2  # the rotations are drawn, not fixed (expected ~14 of 16)
+    signs = matrix.sum(dim=0)
+    assert 0.4 < (signs > 0).float().mean() < 0.6
+
+
+def test_recorder_sketch_on_cpu_projects_off_the_training_thread(memory_url, tiny_model):
+    """The training thread only copies; a failed projection is reported at a later step."""
+    model = tiny_model()
+    threads = set()
+    with koopkit.Recorder(memory_url, "r", model, sketch=8, max_inflight_bytes=256) as rec:
+        project = rec._sketcher.project
+
+        def spy(tensors, out):
+            threads.add(threading.current_thread().name)
+            return project(tensors, out)
+
+        rec._worker.project = spy
+        train(model, rec, 3)
+    assert threads and all(name.startswith("koopkit-sketch") for name in threads)
+
+    def broken(tensors, out):
+        raise RuntimeError("projection failed")
+
+    with pytest.raises(WriteFailedError, match="projection failed"):
+        with koopkit.Recorder(memory_url, "r2", model, sketch=8, max_inflight_bytes=256) as rec:
+            rec._worker.project = broken
+            train(model, rec, 50)
+    assert koopkit.open_store(memory_url).run("r2").status == "interrupted"
+
+
+def test_close_frees_the_host_buffers_without_the_garbage_collector(memory_url, tiny_model):
+    model = tiny_model()
+    rec = koopkit.Recorder(memory_url, "r", model, sketch=8).open()
+    buffers = [weakref.ref(b) for s in rec._vectors.values() for b in [s.current]]
+    worker = weakref.ref(rec._worker)
+    gc.disable()
+    try:
+        rec.close()
+        assert all(b() is None for b in buffers) and worker() is None
+    finally:
+        gc.enable()
 
 
 def test_make_sketch_refuses_bad_arguments():

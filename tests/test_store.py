@@ -241,6 +241,24 @@ def test_writer_refuses_steps_that_do_not_increase(memory_url):
     assert koopkit.open_store(memory_url).steps("r", "scalars/x").tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_writer_flags_exactly_the_rows_holding_nan_or_inf(memory_url, dtype):
+    """Rows whose sum overflows are finite and not flagged; one NaN, +Inf or -Inf is."""
+    big = float(np.finfo(dtype).max)
+    rows = np.ones((6, 8), dtype=dtype)
+    rows[1] = big  # the sum overflows, every entry is finite
+    rows[2, 3] = np.nan
+    rows[3, 0], rows[3, 1] = np.inf, -np.inf  # the sum is NaN
+    rows[4, 7] = -np.inf
+    rows[5, :2] = big, -big
+    writer = RunWriter(memory_url, "r")
+    spec = SeriesSpec("params", (8,), dtype=dtype, attrs={"kind": "full"}, row_dims=("param",))
+    writer.add_series(spec)
+    writer.append("params", np.arange(0, 12, 2), rows)
+    writer.close()
+    assert koopkit.open_store(memory_url).run("r").attrs["nonfinite"] == {"params": [4, 6, 8]}
+
+
 def test_static_arrays_round_trip(memory_url):
     writer = RunWriter(memory_url, "r", {"tags": {"kind": "ntk"}})
     ntk = np.arange(9.0).reshape(3, 3)

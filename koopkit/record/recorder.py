@@ -16,7 +16,7 @@ from ..store import layout
 from ..store.writer import RunWriter, SeriesSpec
 from .schedule import make_schedule
 from .sketch import make_sketch
-from .transfer import ScalarLog, VectorStream, WriterThread
+from .transfer import ProjectionWorker, ScalarLog, VectorStream, WriterThread
 
 __all__ = ["Recorder", "Probe"]
 
@@ -247,11 +247,11 @@ class Recorder:
         """Flush everything, write the final status and release the run."""
         if self._writer is None:
             return
+        dropped = sum(s.dropped for s in self._vectors.values())
         writer = self._detach()
         error = self._thread.error
         if error is None:
             try:
-                dropped = sum(getattr(s, "dropped", 0) for s in self._vectors.values())
                 writer.set(dropped=int(writer.attrs.get("dropped", 0)) + dropped)
                 writer.close(status)
             except Exception as exc:
@@ -282,6 +282,10 @@ class Recorder:
             for stream in self._streams():
                 stream.hand_off()
         self._thread.stop()
+        if self._worker is not None:
+            self._worker.close()
+        # drop the host buffers now, not when the garbage collector breaks the cycles
+        self._vectors, self._fillers, self._scalars, self._worker = {}, {}, {}, None
         return writer
 
     def _report(self, error) -> None:
@@ -389,6 +393,7 @@ class Recorder:
 
     def _open_series(self):
         self._vectors, self._fillers, self._scalars, self._resume_after = {}, {}, {}, {}
+        self._worker = None
         if self._chosen:
             width = self.sketch or self._size
             attrs = {"kind": self._kind, "tensors": self._table}
@@ -402,15 +407,21 @@ class Recorder:
                     "seed": int(self.seed),
                 }
                 attrs["source_size"] = int(self._size)
-            self._add_vector(layout.PARAMS, (width,), ("param",), attrs, self._fill_params)
+                if self.device.type == "cpu":
+                    self._worker = ProjectionWorker(self._size, self.dtype, self._sketcher.project)
+            self._add_vector(
+                layout.PARAMS, (width,), ("param",), attrs, self._fill_params, worker=self._worker
+            )
             if self.grads:
-                self._add_vector(layout.GRADS, (width,), ("param",), attrs, self._fill_grads)
+                self._add_vector(
+                    layout.GRADS, (width,), ("param",), attrs, self._fill_grads, worker=self._worker
+                )
         for name, probe in self.probes.items():
             if not isinstance(probe, Probe):
                 probe = Probe(*probe) if isinstance(probe, tuple) else Probe(probe)
             self._add_probe(name, probe)
 
-    def _add_vector(self, path, row_shape, row_dims, attrs, fill, coords=None):
+    def _add_vector(self, path, row_shape, row_dims, attrs, fill, coords=None, worker=None):
         size = int(torch.Size(row_shape).numel())
         row_bytes = size * self.dtype.itemsize
         chunk_steps = _chunk_steps(row_bytes, self.max_inflight_bytes)
@@ -436,6 +447,7 @@ class Recorder:
             self.dtype,
             self._thread,
             self.on_full,
+            worker=worker,
         )
         self._vectors[path], self._fillers[path] = stream, fill
 
@@ -491,7 +503,10 @@ class Recorder:
 
     def _fill(self, row, tensors):
         if self.sketch:
-            self._sketcher.project(tensors, row)
+            if self._worker is not None:
+                self._worker.submit(tensors, row)
+            else:
+                self._sketcher.project(tensors, row)
             return
         offset = 0
         for t in tensors:

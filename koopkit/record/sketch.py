@@ -12,10 +12,13 @@ References: Charikar, Chen & Farach-Colton (2002), CountSketch; Woodruff (2014),
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 METHODS = ("countsketch", "gaussian")
 _TABLE_LIMIT = 1 << 28  # above this many parameters, hash on the fly instead of caching tables
+_GROUP = 1 << 26  # the fused kernel sketches tensors smaller than this in groups
 
 
 def _signed(value: int) -> int:
@@ -26,6 +29,7 @@ def _signed(value: int) -> int:
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
+_MASK32 = 0xFFFFFFFF
 
 
 def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -44,10 +48,36 @@ def _mix(index: torch.Tensor, key: int) -> torch.Tensor:
     return x ^ _shift(x, 31)
 
 
-class CountSketch:
-    """y[h(i)] += s(i) * x[i] with seeded universal hashes h (buckets) and s (signs).
+def _fused_kernel(device: torch.device):
+    """The Triton kernel module on CUDA devices where Triton is installed, else None."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    from . import fused_sketch
 
-    O(n) per snapshot. Bucket and sign tables are cached on the device for vectors up to
+    return fused_sketch
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (C. Wellons' lowbias32) on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+class CountSketch:
+    """y[h(i)] += s(i) * x[i]: a seeded signed bucket map with tile-rotation hashing.
+
+    The coordinates are cut into tiles of k consecutive entries; tile t is rotated by a
+    seeded offset a_t, so coordinate i = t * k + j lands in bucket (j + a_t) mod k. Two
+    coordinates of different tiles collide with probability 1/k (as in CountSketch), two of
+    the same tile never do, so inner-product errors are at most CountSketch's. Signs are
+    s(i) = +-1 from a 32-bit mix of j and a seeded per-tile key. The structure lets a
+    fused GPU kernel read each tile contiguously and hash on the fly
+    (``koopkit.record.fused_sketch``); this torch code is the reference and the fallback.
+
+    O(n) per snapshot. Per-element bucket and sign tables are cached for vectors up to
     2**28 entries and computed on the fly above that, in slices, to bound memory.
     """
 
@@ -56,27 +86,62 @@ class CountSketch:
     def __init__(self, dim: int, size: int, seed: int = 0, device="cpu"):
         self.dim, self.size, self.seed = int(dim), int(size), int(seed)
         self.device = torch.device(device)
-        self._keys = (
-            2 * self.seed + 1,
-            2 * self.seed + 2,
-        )  # distinct streams for buckets and signs
-        self._tables = self._buckets_and_signs(0, self.size) if self.size <= _TABLE_LIMIT else None
+        tiles = torch.arange(-(-self.size // self.dim), device=self.device, dtype=torch.int64)
+        # per tile: the rotation a_t in [0, k) and the sign key, both from seeded SplitMix64
+        self.tile_offsets = torch.remainder(_shift(_mix(tiles, 2 * self.seed + 1), 1), self.dim)
+        self.tile_keys = _mix(tiles, 2 * self.seed + 2) & _MASK32
+        self._fused = _fused_kernel(self.device)
+        self._buffer = None  # where the fused path concatenates small tensors
+        small = self.size <= _TABLE_LIMIT and self._fused is None
+        self._tables = self._buckets_and_signs(0, self.size) if small else None
 
     def _buckets_and_signs(self, start: int, stop: int):
         index = torch.arange(start, stop, device=self.device, dtype=torch.int64)
-        buckets = torch.remainder(_shift(_mix(index, self._keys[0]), 1), self.dim)
-        signs = (_shift(_mix(index, self._keys[1]), 63)).to(torch.float32).mul_(2).sub_(1)
-        return buckets, signs
+        tile = index // self.dim
+        lane = index - tile * self.dim
+        buckets = torch.remainder(lane + self.tile_offsets[tile], self.dim)
+        bits = _lowbias32((lane + self.tile_keys[tile]) & _MASK32) >> 31
+        return buckets, bits.to(torch.float32).mul_(-2).add_(1)
 
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
         """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``."""
         out.zero_()
+        flats = [t.detach().reshape(-1) for t in tensors]
+        if self._fused is not None and self._fused.supports(out):
+            self._project_fused(flats, out)
+            return out
         offset = 0
-        for t in tensors:
-            flat = t.detach().reshape(-1)
+        for flat in flats:
             self._accumulate(flat, offset, out)
             offset += flat.numel()
         return out
+
+    def _project_fused(self, flats, out):
+        """One kernel launch per group of small tensors, concatenated into a reused buffer.
+
+        A launch costs tens of microseconds on the host, a model has hundreds of tensors,
+        and the copy into the buffer is one fast device kernel per group.
+        """
+        group, group_start, offset = [], 0, 0
+        for flat in flats + [None]:
+            n = 0 if flat is None else flat.numel()
+            size = offset - group_start
+            if group and (flat is None or n >= _GROUP or size + n > _GROUP):
+                if len(group) == 1:
+                    self._launch(group[0], group_start, out)
+                else:
+                    if self._buffer is None:
+                        self._buffer = torch.empty(min(_GROUP, self.size), device=out.device)
+                    torch.cat(group, out=self._buffer[:size])
+                    self._launch(self._buffer[:size], group_start, out)
+                group, group_start = [], offset
+            if flat is not None:
+                group.append(flat)
+                offset += n
+        return out
+
+    def _launch(self, flat, offset, out):
+        self._fused.accumulate(flat, offset, out, self.tile_offsets, self.tile_keys)
 
     def _accumulate(self, flat, offset, out):
         step = 1 << 24

@@ -146,11 +146,16 @@ class SeriesWriter:
         self.last_step = int(steps[-1])
 
     def _note_nonfinite(self, steps, rows):
+        """Flag rows holding NaN or Inf: a row's sum is finite only if every entry is (unless
+        it overflows), so one pass without a temporary array clears almost every row."""
         if rows.dtype.kind != "f":
             return
-        finite = np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
-        if not finite.all():
-            self.nonfinite_steps.extend(int(s) for s in steps[~finite])
+        rows = rows.reshape(len(rows), -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspect = ~np.isfinite(rows.sum(axis=1))
+        if suspect.any():
+            finite = np.isfinite(rows[suspect]).all(axis=1)
+            self.nonfinite_steps.extend(int(s) for s in steps[suspect][~finite])
 
     def _write(self, steps, rows):
         start, stop = self.written, self.written + len(steps)
