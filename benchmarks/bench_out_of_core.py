@@ -5,6 +5,10 @@ The store is written first (its time is reported too), then read once (``numpy.s
 every chunk, one column band of whole chunks at a time) and estimated, each in a fresh
 process. Both run on a warm page cache. Targets (full size, 5 000 000 x 1 000 = 20 GB):
 peak RSS < 2 GB, wall time <= 2x the read. The full size is skipped when the disk lacks room.
+
+Two diagnostic rows: the estimate with float64 blocks as wide as a band of chunks, and the
+float64 Gram product alone (one block's SYRK, scaled to all features; no I/O), the floor of a
+pass: with ``--threads 1`` it alone can exceed twice the read.
 """
 
 from __future__ import annotations
@@ -81,6 +85,20 @@ def estimate(path: str, repeat: int, block_bytes: int | None = None) -> dict:
     }
 
 
+def gram_floor(features: int, steps: int, width: int = 8192) -> dict:
+    """The float64 Gram product alone, no I/O: SYRK of one ``steps x width`` block, scaled.
+
+    What a pass costs at the machine's DGEMM speed; the read and the float32 upcast come on
+    top of it, or beside it in the read-ahead thread.
+    """
+    import numpy as np
+
+    block = np.random.default_rng(0).standard_normal((steps, min(width, features)))
+    product = np.empty((steps, steps))
+    times, _, _ = measure(lambda: np.matmul(block, block.T, out=product), 3, warmup=1)
+    return {"seconds": median(times) * features / block.shape[1]}
+
+
 def _in_ram(path: str) -> bool:
     """Whether ``path`` is on a tmpfs or ramfs mount (Linux)."""
     path, mount, kind = os.path.realpath(path), "", ""
@@ -134,6 +152,7 @@ def _run(path, features, steps, label, repeat) -> list[Result]:
         banded = run_case(
             "bench_out_of_core", "estimate", path=path, repeat=repeat, block_bytes=band
         )
+        floor = run_case("bench_out_of_core", "gram_floor", features=features, steps=steps)
     except CaseFailed as exc:
         return [Result(NAME, f"dmd from store, {label}", note=f"failed: {exc}")]
     gib = written["bytes"] / 2**30
@@ -176,4 +195,14 @@ def _run(path, features, steps, label, repeat) -> list[Result]:
         note=f"peak RSS {banded['peak_rss_mib']:.0f} MiB",
     )
     rows.append(row)
+    rows.append(
+        Result(
+            NAME,
+            f"float64 Gram product alone (SYRK of one block, scaled; diagnostic), {label}",
+            floor["seconds"],
+            ratio=floor["seconds"] / rows[1].median_s,
+            vs="{ratio:.2f}x the read",
+            note="no I/O: the floor of a pass at this machine's DGEMM speed and thread count",
+        )
+    )
     return rows

@@ -3,9 +3,10 @@
 Per training step, against the bare step measured in the same process: ``koopkit.Recorder``
 every step and every 10 steps, a CountSketch (k = 4096) every step, ``torch.save(state_dict)``
 per snapshot, and synchronous copies of the flat parameters into a list. Each repetition
-runs every case (in a shuffled order) for ``steps`` timed steps after ``warmup`` steps. The
-steady state is timed; the final flush (``Recorder.close``, paid once per run) is reported
-beside it. The overhead is the median over repetitions of ``case / bare - 1``. Targets at every 10 steps: < 10% over the bare step and
+runs every case (in a shuffled order) for ``steps`` timed steps after ``warmup`` steps, each
+right beside a bare run of its own. The steady state is timed; the final flush
+(``Recorder.close``, paid once per run) is reported beside it. The overhead is the median
+over repetitions of ``case / paired bare - 1``. Targets at every 10 steps: < 10% over the bare step and
 <= 1/5 of torch.save's overhead; sketch every step: < 5%.
 
 Only torch, numpy and koopkit are imported (the Recorder itself needs zarr to write).
@@ -140,39 +141,54 @@ def make_hook(kind, model, folder, every):
 
 
 def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
-    """Per case and repetition: seconds per step in steady state, and the final flush (close).
+    """Per case: seconds per step in steady state, the final flush (close), and the ratio to
+    a bare run made right beside it.
 
-    Also each case's peak extra host RSS. The steps are timed without the final flush, which
-    a long training run pays once; it is reported on its own.
+    Each repetition pairs every case with its own bare run (bare first in even repetitions,
+    second in odd ones), so the overhead compares runs seconds apart and a machine that
+    speeds up or slows down over minutes does not bias it. Also each case's peak extra host
+    RSS. The final flush, which a long run pays once, is reported on its own.
     """
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    out = {key: {name: [] for name in cases} for key in ("times", "flush", "peaks")}
-    order = list(cases)
+    out = {key: {name: [] for name in cases} for key in ("times", "flush", "peaks", "ratios")}
+
+    def one(name):
+        kind, every = cases[name]
+        folder = tempfile.mkdtemp(prefix="koopkit-bench-", dir=common.WORKDIR)
+        try:
+            with PeakMemory() as peak:
+                hook = make_hook(kind, model, folder, every)
+                for _ in range(warmup):
+                    hook.step(step())
+                sync()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    hook.step(step())
+                sync()
+                stop = time.perf_counter()
+                hook.close()
+                out["flush"][name].append(time.perf_counter() - stop)
+                del hook
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        out["peaks"][name].append(peak.extra_mib)
+        seconds = (stop - start) / steps
+        out["times"][name].append(seconds)
+        return seconds
+
+    order = [name for name in cases if name != "bare"]
     for rep in range(repeat):
         random.Random(rep).shuffle(order)
         for name in order:
-            kind, every = cases[name]
-            folder = tempfile.mkdtemp(prefix="koopkit-bench-", dir=common.WORKDIR)
-            try:
-                with PeakMemory() as peak:
-                    hook = make_hook(kind, model, folder, every)
-                    for _ in range(warmup):
-                        hook.step(step())
-                    sync()
-                    start = time.perf_counter()
-                    for _ in range(steps):
-                        hook.step(step())
-                    sync()
-                    stop = time.perf_counter()
-                    hook.close()
-                    out["flush"][name].append(time.perf_counter() - stop)
-                    out["times"][name].append((stop - start) / steps)
-                    del hook
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            out["peaks"][name].append(peak.extra_mib)
+            if rep % 2 == 0:
+                bare = one("bare")
+                ratio = one(name) / bare
+            else:
+                ratio = one(name)
+                ratio /= one("bare")
+            out["ratios"][name].append(ratio)
     out["peaks"] = {
         n: max((p for p in v if p is not None), default=None) for n, v in out["peaks"].items()
     }
@@ -188,17 +204,13 @@ def case(width: int, steps: int, warmup: int, repeat: int) -> dict:
 
 
 def rows(name: str, label: str, out: dict, every, sketch) -> list[Result]:
-    """One row per case; overheads are medians of per-repetition ratios to the bare step.
+    """One row per case; overheads are medians of the ratios to the paired bare runs.
 
     ``every`` and ``sketch`` are (target text, limit in %) for the Recorder every 10 steps
     and the sketch every step.
     """
     times = out["times"]
-    bare = times["bare"]
-    overhead = {
-        case: median([100 * (t / b - 1) for t, b in zip(ts, bare, strict=True)])
-        for case, ts in times.items()
-    }
+    overhead = {case: median([100 * (r - 1) for r in rs]) for case, rs in out["ratios"].items()}
     results = []
     for case, ts in times.items():
         row = Result(name, f"{case}, {label}", median(ts), ts, out["peaks"][case])

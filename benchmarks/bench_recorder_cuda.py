@@ -1,7 +1,7 @@
 """5. Recorder overhead on CUDA: the MLP of benchmark 4, and a 12-layer d=768 Transformer encoder
 (85 M parameters, AdamW, bf16 autocast, batch 16 x 256).
 
-Same method as ``bench_recorder_cpu`` (shuffled cases per repetition, steady state timed
+Same method as ``bench_recorder_cpu`` (each case paired with its own bare run, steady state timed
 with the final flush beside it, overhead = median of ``case / bare - 1``), with
 ``torch.cuda.synchronize`` around the timed steps. The Transformer skips the every-step full
 snapshots (340 MB each).
