@@ -319,16 +319,15 @@ class Recorder:
         if not self._live():
             return
         for name, value in scalars.items():
-            path = layout.series_path(layout.SCALARS, name)
-            log = self._scalars.get(path)
+            log = self._scalars.get(name)
             if log is None:
-                log = self._scalars[path] = self._new_scalar(path)
+                log = self._scalars[name] = self._new_scalar(name)
             if log.last_step is not None and log.last_step >= self.step_count:
                 raise ValueError(
                     f"Scalar {name!r} was already logged at step {self.step_count}; "
                     "log each scalar once per step."
                 )
-            last = self._resume_after[path]
+            last = self._resume_after[log.path]
             if last is None or self.step_count > last:
                 log.log(self.step_count, value)
 
@@ -472,7 +471,8 @@ class Recorder:
             path, (samples, features), ("sample", "feature"), {"kind": "probe"}, fill, coords
         )
 
-    def _new_scalar(self, path):
+    def _new_scalar(self, name):
+        path = layout.series_path(layout.SCALARS, name)
         spec = SeriesSpec(path, (), dtype="float32", attrs={"kind": "scalar"}, chunk_steps=1024)
         self._resume_after[path] = self._writer.add_series(spec).last_step
         return ScalarLog(path, SCALAR_BATCH, self.device, self._thread)

@@ -163,15 +163,21 @@ class ScalarLog:
     def __init__(self, path, batch, device, writer):
         self.path, self.batch, self.writer = path, int(batch), writer
         self.device = torch.device(device)
-        self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
+        self._new_batch()
         self.steps: list[int] = []
         self.last_step = None
 
+    def _new_batch(self):
+        self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
+        self.slots = self.values.unbind()  # views made once per batch, not once per step
+
     def log(self, step: int, value) -> None:
+        slot = self.slots[len(self.steps)]
         if isinstance(value, torch.Tensor):
-            self.values[len(self.steps)].copy_(value.detach().reshape(()), non_blocking=True)
+            value = value.detach()
+            slot.copy_(value if value.dim() == 0 else value.reshape(()), non_blocking=True)
         else:
-            self.values[len(self.steps)] = float(value)
+            slot.fill_(float(value))
         self.steps.append(step)
         self.last_step = step
         if len(self.steps) == self.batch:
@@ -187,7 +193,7 @@ class ScalarLog:
             done = torch.cuda.Event()
             done.record()
         self.writer.submit(self, np.array(self.steps, dtype=np.int64), host, done)
-        self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
+        self._new_batch()
         self.steps = []
 
     def release(self, buffer) -> None:
