@@ -259,6 +259,7 @@ def experiment(args) -> dict:
         [(f"{a}-{b}", s) for (a, b), s in zip(windows, spectra, strict=True)],
         args.out / "window_eigenvalues.png",
         title="Koopman eigenvalues per window",
+        legend_title="window",
     )
     log(
         f"{len(windows)} windows, W from {distances[distances > 0].min():.3g} "

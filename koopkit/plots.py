@@ -24,8 +24,10 @@ def _unit_circle(ax):
     ax.set_ylabel("Im λ")
 
 
-def plot_spectra(labelled_spectra, path, title="Koopman eigenvalues", zoom=True):
-    """Eigenvalues per label (condition) with the unit circle; a zoomed panel near λ = 1."""
+def plot_spectra(
+    labelled_spectra, path, title="Koopman eigenvalues", zoom=True, legend_title="condition"
+):
+    """Eigenvalues per label with the unit circle; a zoomed panel near λ = 1."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11 if zoom else 5.5, 5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -38,7 +40,7 @@ def plot_spectra(labelled_spectra, path, title="Koopman eigenvalues", zoom=True)
             ax.scatter(z.real, z.imag, s=18, color=color, alpha=0.7, label=str(label))
     handles, names = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))
-    axes[0][0].legend(unique.values(), unique.keys(), title="condition", fontsize=8)
+    axes[0][0].legend(unique.values(), unique.keys(), title=legend_title, fontsize=8)
     axes[0][0].set_title(title)
     if zoom:
         z = np.concatenate([s.eigenvalues for _, s in labelled_spectra])

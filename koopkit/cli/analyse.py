@@ -94,7 +94,11 @@ def register(cli):
             def label(r):
                 return " ".join(f"{k}={r.group.tags.get(k)}" for k in by) if by else r.group.runs[0]
 
-            plot_spectra([(label(r), r.spectrum) for r in results], figure)
+            plot_spectra(
+                [(label(r), r.spectrum) for r in results],
+                figure,
+                legend_title=" ".join(by) if by else "run",
+            )
         if not no_save:
             from ..store.analyses import save_spectra
 
