@@ -10,13 +10,13 @@ from koopkit.errors import EstimationError
 from koopkit.results import TestResult
 
 from ._params import check_positive_int
-from .distances import check_distances, condition_mask, distance_matrix, flatten_groups
+from .distances import DistanceTest, check_distances, condition_mask
 
 __all__ = ["BootstrapTest"]
 
 
 @dataclass(frozen=True)
-class BootstrapTest:
+class BootstrapTest(DistanceTest):
     """Percentile bootstrap of the mean between-condition distance, resampling runs.
 
     Parameters
@@ -62,20 +62,6 @@ class BootstrapTest:
         check_positive_int("n_boot", self.n_boot)
         if not 0 < self.level < 1:
             raise EstimationError(f"Invalid level {self.level!r}; expected a number in (0, 1).")
-
-    def run(self, groups, metric) -> TestResult:
-        """Bootstrap two conditions, computing their distance matrix with ``metric``.
-
-        Parameters
-        ----------
-        groups : mapping of label to list of Spectrum
-            Exactly two conditions, each with at least two spectra.
-        metric : callable (Spectrum, Spectrum) -> float
-            Called once per unordered pair of spectra.
-        """
-        spectra, labels = flatten_groups(groups)
-        condition_mask(labels)  # fail before any metric call
-        return self.run_on_distances(distance_matrix(spectra, metric), labels)
 
     def run_on_distances(self, distances, labels) -> TestResult:
         """Bootstrap two conditions given the distances among their spectra.

@@ -133,3 +133,25 @@ def condition_mask(labels: Sequence) -> np.ndarray:
                 "runs or replicates per condition (the within-condition distance needs a pair)."
             )
     return in_first
+
+
+class DistanceTest:
+    """A test whose statistic sees the spectra only through their pairwise distances.
+
+    Subclasses define ``run_on_distances(distances, labels)``; ``run`` computes the
+    distance matrix once (n(n-1)/2 metric calls) and hands it over.
+    """
+
+    def run(self, groups, metric):
+        """Test two conditions, computing their distance matrix with ``metric``.
+
+        Parameters
+        ----------
+        groups : mapping of label to list of Spectrum
+            Exactly two conditions, each with at least two spectra.
+        metric : callable (Spectrum, Spectrum) -> float
+            Called once per unordered pair of spectra.
+        """
+        spectra, labels = flatten_groups(groups)
+        condition_mask(labels)  # fail before any metric call
+        return self.run_on_distances(distance_matrix(spectra, metric), labels)

@@ -11,13 +11,13 @@ import numpy as np
 from koopkit.results import TestResult
 
 from ._params import check_positive_int
-from .distances import check_distances, condition_mask, distance_matrix, flatten_groups
+from .distances import DistanceTest, check_distances, condition_mask
 
 __all__ = ["PermutationTest"]
 
 
 @dataclass(frozen=True)
-class PermutationTest:
+class PermutationTest(DistanceTest):
     """Permutation test of the between-minus-within distance of two conditions' spectra.
 
     Each condition holds several spectra (runs or replicates, e.g. seeds). Under the null
@@ -64,20 +64,6 @@ class PermutationTest:
 
     def __post_init__(self):
         check_positive_int("n_perm", self.n_perm)
-
-    def run(self, groups, metric) -> TestResult:
-        """Test two conditions, computing their distance matrix with ``metric``.
-
-        Parameters
-        ----------
-        groups : mapping of label to list of Spectrum
-            Exactly two conditions, each with at least two spectra.
-        metric : callable (Spectrum, Spectrum) -> float
-            Called once per unordered pair of spectra.
-        """
-        spectra, labels = flatten_groups(groups)
-        condition_mask(labels)  # fail before any metric call
-        return self.run_on_distances(distance_matrix(spectra, metric), labels)
 
     def run_on_distances(self, distances, labels) -> TestResult:
         """Test two conditions given the distances among their spectra.
