@@ -1,6 +1,7 @@
 """9. CLI responsiveness, as whole processes: ``koopkit --help`` and ``koopkit info`` on a small
-store, beside the bare interpreter start; and ``import koopkit`` must pull in neither torch
-nor dask. Target: each command < 0.5 s.
+store, beside the bare interpreter start; ``import koopkit`` must pull in neither torch nor
+dask, and ``koopkit info`` on a local store reads JSON documents only (no zarr, no numpy).
+Target: each command < 0.5 s.
 
 The console script next to this Python is used when there is one (not a pyenv or conda
 shim, which adds its own start-up); otherwise ``python -c "from koopkit.cli import main; main()"``.
@@ -22,6 +23,7 @@ from common import CaseFailed, Result, median, run_case
 
 NAME = "cli"
 HEAVY = ("torch", "dask", "zarr", "xarray", "scipy", "matplotlib")
+INFO_HEAVY = ("zarr", "numpy", "torch", "dask", "xarray")
 
 
 def make_store(path: str) -> dict:
@@ -68,6 +70,20 @@ def imported_by_koopkit() -> list[str]:
     return json.loads(proc.stdout)
 
 
+def imported_by_info(store: str) -> list[str]:
+    code = (
+        "import json, sys\n"
+        "from koopkit.cli import main\n"
+        "sys.argv = ['koopkit', 'info', sys.argv[1]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(json.dumps([m for m in {INFO_HEAVY!r} if m in sys.modules]), file=sys.stderr)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, store], capture_output=True, text=True)
+    if proc.returncode:
+        raise CaseFailed(f"koopkit info exited {proc.returncode}: {proc.stderr[-300:]}")
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
 def run(size: str, repeat: int) -> list[Result]:
     repeat = 2 if size == "tiny" else max(5, 3 * repeat)
     folder = tempfile.mkdtemp(prefix="koopkit-bench-", dir=common.WORKDIR)
@@ -78,6 +94,7 @@ def run(size: str, repeat: int) -> list[Result]:
         "python -c 'import koopkit'": ([sys.executable, "-c", "import koopkit"], None),
         "koopkit --help": ([*cli, "--help"], 0.5),
         "koopkit info STORE (2 runs)": ([*cli, "info", store], 0.5),
+        "koopkit info --json STORE (2 runs)": ([*cli, "info", "--json", store], 0.5),
     }
     results = []
     try:
@@ -92,6 +109,16 @@ def run(size: str, repeat: int) -> list[Result]:
             if limit is not None:
                 row.target, row.met = f"< {limit} s", row.median_s < limit
             results.append(row)
+        heavy = imported_by_info(store)
+        results.append(
+            Result(
+                NAME,
+                "modules 'koopkit info STORE' loads",
+                note=", ".join(heavy) or "none of " + ", ".join(INFO_HEAVY),
+                target="no zarr, no numpy",
+                met=not heavy,
+            )
+        )
     except CaseFailed as exc:
         results.append(Result(NAME, "make store", note=f"failed: {exc}"))
     finally:

@@ -8,18 +8,19 @@ from .options import json_option, print_json, store_argument
 
 
 def describe(store) -> dict:
+    """The summary ``info`` prints; reads metadata and step rows only, through ``store.nodes``."""
     runs = []
     for run_id, info in store.runs.items():
         series = {}
         for path in info.series:
-            value = store.root[f"runs/{run_id}/{path}/value"]
-            steps = store.steps(run_id, path)
+            value = store.nodes.array(f"runs/{run_id}/{path}/value")
+            span = store.step_span(run_id, path)
             series[path] = {
                 "committed": info.committed(path),
                 "shape": [info.committed(path), *value.shape[1:]],
-                "dtype": str(value.dtype),
-                "first_step": int(steps[0]) if steps.size else None,
-                "last_step": int(steps[-1]) if steps.size else None,
+                "dtype": value.dtype,
+                "first_step": None if span is None else span[0],
+                "last_step": None if span is None else span[1],
             }
         runs.append(
             {
@@ -34,14 +35,11 @@ def describe(store) -> dict:
                 "problems": info.problems,
             }
         )
-    analyses = []
-    if "analyses" in store.root:
-        analyses = sorted(name for name, _ in store.root["analyses"].groups())
     return {
         "store": store.url,
         "format": store.attrs.get("koopkit"),
         "runs": runs,
-        "analyses": analyses,
+        "analyses": store.analyses,
     }
 
 
@@ -51,9 +49,9 @@ def register(cli):
     @json_option
     def info(store, json_):
         """List the runs of STORE with their tags, series and committed steps."""
-        from ..store.reader import open_store
+        from ..store.reader import summarize
 
-        summary = describe(open_store(store))
+        summary = summarize(store, describe)  # a local store: JSON documents only, no zarr
         if json_:
             print_json(summary)
             return

@@ -1,4 +1,8 @@
-"""Turning a STORE argument (directory, ``.zip``, or fsspec URL) into an open Zarr root group."""
+"""Turning a STORE argument (directory, ``.zip``, or fsspec URL) into an open Zarr root group.
+
+A local directory opened for reading can also be opened as ``LocalNodes``: its JSON metadata
+documents read without zarr, refused in exactly the same words when it is not a store.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 from ..errors import FormatVersionError, NotAStoreError, StoreError
 from . import layout
+from .nodes import LocalNodes
 
 
 def local_path(url) -> Path | None:
@@ -17,6 +22,12 @@ def local_path(url) -> Path | None:
     if "://" in text or text.endswith(".zip"):
         return None
     return Path(text)
+
+
+def _existing_directory(url, path: Path) -> Path:
+    if not path.is_dir():
+        raise NotAStoreError(f"No koopkit store at {os.fspath(url)!r}: not a directory.")
+    return path
 
 
 def _zarr_store(url, *, writable: bool):
@@ -35,8 +46,8 @@ def _zarr_store(url, *, writable: bool):
     path = local_path(text)
     if path is None:
         return zarr.storage.FsspecStore.from_url(text, read_only=not writable)
-    if not writable and not path.is_dir():
-        raise NotAStoreError(f"No koopkit store at {text!r}: not a directory.")
+    if not writable:
+        _existing_directory(text, path)
     if writable and path.exists():
         if not path.is_dir():
             raise NotAStoreError(f"{text!r} exists and is not a directory, so not a koopkit store.")
@@ -84,3 +95,17 @@ def open_root(url, *, writable: bool = False):
         return group
     check_root(attrs, url)
     return group
+
+
+def open_local_nodes(url) -> LocalNodes | None:
+    """The nodes of a local directory store from its ``zarr.json`` documents, without zarr.
+
+    None for a zip or a URL. Refuses what ``open_root`` refuses, with the same errors; raises
+    ``NotCanonical`` where only zarr can say what the root document means.
+    """
+    path = local_path(url)
+    if path is None:
+        return None
+    nodes = LocalNodes(_existing_directory(url, path), lambda: open_root(url))
+    check_root(nodes.attrs(""), url)
+    return nodes

@@ -1,20 +1,43 @@
-"""Reading stores: runs, tags and lazy series, never past a series' committed rows."""
+"""Reading stores: runs, tags and lazy series, never past a series' committed rows.
+
+Metadata comes through the small ``nodes`` interface, so a summary of a local store can be
+read from its JSON documents alone (``summarize``) with the same meaning as through zarr.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
-
-from ..errors import RunNotFoundError, SelectionError, StoreError, ValidationError
+from ..errors import (
+    KoopkitError,
+    RunNotFoundError,
+    SelectionError,
+    StoreError,
+    ValidationError,
+)
 from . import layout
-from .location import open_root
+from .location import open_local_nodes, open_root
+from .nodes import ZarrNodes
 from .schema import validate_attrs
 
-__all__ = ["open_store", "open_run", "TrajectoryStore", "RunInfo", "CommittedRows", "parse_where"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "open_store",
+    "open_run",
+    "summarize",
+    "TrajectoryStore",
+    "RunInfo",
+    "CommittedRows",
+    "parse_where",
+]
+
+T = TypeVar("T")
 
 
 class CommittedRows:
@@ -32,6 +55,8 @@ class CommittedRows:
         self.chunks = array.chunks
 
     def __getitem__(self, key):
+        import numpy as np
+
         key = key if isinstance(key, tuple) else (key,)
         first, rest = key[0], key[1:]
         if isinstance(first, slice):
@@ -92,19 +117,19 @@ class RunInfo:
         return self
 
 
-def _is_run(group) -> bool:
-    block = group.attrs.get(layout.NAMESPACE)
+def _is_run(attrs: dict) -> bool:
+    block = attrs.get(layout.NAMESPACE)
     return isinstance(block, dict) and block.get("node") == "run"
 
 
-def _series_paths(run_group) -> tuple[str, ...]:
+def _series_paths(nodes, run_path: str) -> tuple[str, ...]:
     paths = []
     for kind in layout.VECTOR_SERIES:
-        if kind in run_group:
+        if nodes.contains(f"{run_path}/{kind}"):
             paths.append(kind)
     for kind in (layout.SCALARS, layout.PROBES):
-        if kind in run_group:
-            paths.extend(f"{kind}/{name}" for name in sorted(run_group[kind].group_keys()))
+        if nodes.contains(f"{run_path}/{kind}"):
+            paths.extend(f"{kind}/{name}" for name, _ in nodes.groups(f"{run_path}/{kind}"))
     return tuple(paths)
 
 
@@ -132,35 +157,50 @@ def parse_where(items) -> dict[str, str]:
 
 
 class TrajectoryStore:
-    """A koopkit store opened for reading: its runs, their tags, and selection by tag."""
+    """A koopkit store opened for reading: its runs, their tags, and selection by tag.
 
-    def __init__(self, url, root):
+    ``nodes`` serves the metadata (``ZarrNodes`` or ``LocalNodes``); ``root`` is the zarr root
+    group, for reading data.
+    """
+
+    def __init__(self, url, nodes):
         self.url = os.fspath(url)
-        self.root = root
+        self.nodes = nodes
         self._runs = None
 
     @property
-    def attrs(self) -> dict:
-        return self.root.attrs.asdict()
+    def root(self):
+        return self.nodes.root
 
-    def _walk(self, group, prefix):
-        for name, child in sorted(group.groups()):
+    @property
+    def attrs(self) -> dict:
+        return self.nodes.attrs("")
+
+    def _walk(self, path, prefix):
+        for name, attrs in self.nodes.groups(path):
             run_id = f"{prefix}{name}"
-            if _is_run(child):
-                yield run_id, child
+            if _is_run(attrs):
+                yield run_id, f"{path}/{name}", attrs
             else:
-                yield from self._walk(child, f"{run_id}/")
+                yield from self._walk(f"{path}/{name}", f"{run_id}/")
 
     @property
     def runs(self) -> dict[str, RunInfo]:
         """Every run, by id, in sorted order."""
         if self._runs is None:
             runs = {}
-            if layout.RUNS in self.root:
-                for run_id, group in self._walk(self.root[layout.RUNS], ""):
-                    runs[run_id] = RunInfo(run_id, group.attrs.asdict(), _series_paths(group))
+            if self.nodes.contains(layout.RUNS):
+                for run_id, path, attrs in self._walk(layout.RUNS, ""):
+                    runs[run_id] = RunInfo(run_id, attrs, _series_paths(self.nodes, path))
             self._runs = runs
         return self._runs
+
+    @property
+    def analyses(self) -> list[str]:
+        """The ids of the analyses written back into the store, sorted."""
+        if not self.nodes.contains(layout.ANALYSES):
+            return []
+        return [name for name, _ in self.nodes.groups(layout.ANALYSES)]
 
     def run(self, run_id: str) -> RunInfo:
         """A run whose metadata is valid, for analysis."""
@@ -202,14 +242,24 @@ class TrajectoryStore:
             value, min(info.committed(path), value.shape[0]), f"{where} in {self.url!r}"
         )
 
+    def _committed_steps(self, run_id: str, path: str):
+        info = self._info(run_id)
+        return self.nodes.rows(f"{layout.run_path(run_id)}/{path}/step", info.committed(path))
+
     def steps(self, run_id: str, path: str = layout.PARAMS) -> np.ndarray:
         """The optimizer step of each committed row of a series."""
-        info = self._info(run_id)
-        step = self.root[f"{layout.run_path(run_id)}/{path}/step"]
-        return np.asarray(step[: min(info.committed(path), step.shape[0])])
+        import numpy as np
+
+        return np.asarray(self._committed_steps(run_id, path))
+
+    def step_span(self, run_id: str, path: str = layout.PARAMS) -> tuple[int, int] | None:
+        """The first and last committed step of a series; None when it has no committed row."""
+        steps = self._committed_steps(run_id, path)
+        return (int(steps[0]), int(steps[-1])) if len(steps) else None
 
     def dataset(self, run_id: str, path: str = layout.PARAMS):
         """One series as a lazy ``xarray.Dataset`` with ``value`` indexed by ``step``."""
+        import numpy as np
         import xarray as xr
 
         group = self.root[f"{layout.run_path(run_id)}/{path}"]
@@ -224,6 +274,7 @@ class TrajectoryStore:
 
     def datatree(self, run_id: str):
         """The whole run as a lazy ``xarray.DataTree``: one node per series, run attrs on top."""
+        import numpy as np
         import xarray as xr
 
         info = self.run(run_id)
@@ -242,7 +293,25 @@ class TrajectoryStore:
 
 def open_store(url) -> TrajectoryStore:
     """Open a koopkit store (directory, ``.zip`` or fsspec URL) for reading."""
-    return TrajectoryStore(url, open_root(url))
+    return TrajectoryStore(url, ZarrNodes(open_root(url)))
+
+
+def summarize(url, describe: Callable[[TrajectoryStore], T]) -> T:
+    """``describe(open_store(url))``, reading a local directory's metadata without zarr.
+
+    A local directory is read from its ``zarr.json`` documents with plain ``json`` (fast: no
+    zarr or numpy import); a zip, a URL, or any document that reader does not vouch for is
+    read through zarr. Errors and results are the same either way.
+    """
+    try:
+        nodes = open_local_nodes(url)  # None for a zip or a URL
+        if nodes is not None:
+            return describe(TrajectoryStore(url, nodes))
+    except KoopkitError:
+        raise  # raised by the code both readers share, so zarr would say the same
+    except Exception:  # NotCanonical, or any surprise: zarr's answer is the reference
+        pass
+    return describe(open_store(url))
 
 
 def open_run(url, run_id: str):
