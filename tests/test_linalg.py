@@ -1,5 +1,8 @@
 """Shared numerics: streamed Gram and factors, delays, rank rules, input checks."""
 
+import itertools
+import threading
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import zarr
 
 from koopkit.errors import EstimationError, InsufficientDataError, NonFiniteDataError
 from koopkit.linalg import (
+    BAND_BLOCKS,
     GRAM_RELATIVE_ACCURACY,
     Trajectories,
     center_factor,
@@ -299,3 +303,157 @@ def test_fixed_rank_is_capped_by_the_singular_values():
 def test_invalid_rank_rules(rule):
     with pytest.raises(EstimationError, match=r"Expected rank to be a positive int, a float"):
         check_rank_rule(rule)
+
+
+# -- reading: bands of whole chunks, reused blocks, read-ahead ------------------------------
+
+
+class ChunkedArray:
+    """A (steps, features) array-like with storage chunks that records the column slices read.
+
+    ``fail_from``: reading any column at or after it raises ``OSError``, as a lost disk would.
+    """
+
+    def __init__(self, data, chunk, fail_from=None):
+        self._data = data
+        self.shape, self.dtype = data.shape, data.dtype
+        self.chunks = (data.shape[0], chunk)
+        self.fail_from = fail_from
+        self.reads = []
+
+    def __getitem__(self, key):
+        rows, columns = key
+        self.reads.append((columns.start, columns.stop))
+        if self.fail_from is not None and columns.stop > self.fail_from:
+            raise OSError(f"cannot read columns {columns.start}..{columns.stop - 1}")
+        return self._data[rows, columns].copy()
+
+
+def test_blocks_narrower_than_chunks_are_cut_from_bands_of_whole_chunks(rng):
+    data = rng.standard_normal((20, 100))
+    chunked = ChunkedArray(data, chunk=32)
+    trajectories = Trajectories.from_input(chunked)
+    block_bytes = 20 * 8 * 10  # 10 columns per block, 3.2 blocks per chunk
+    assert trajectories.bands(block_bytes) == [
+        (slice(0, 32), [slice(0, 8), slice(8, 16), slice(16, 24), slice(24, 32)]),
+        (slice(32, 64), [slice(32, 40), slice(40, 48), slice(48, 56), slice(56, 64)]),
+        (slice(64, 96), [slice(64, 72), slice(72, 80), slice(80, 88), slice(88, 96)]),
+        (slice(96, 100), [slice(96, 100)]),
+    ]
+    gram = streamed_gram(trajectories, block_bytes=block_bytes)
+    assert chunked.reads == [(0, 32), (32, 64), (64, 96), (96, 100)]  # each chunk read once
+    np.testing.assert_allclose(gram, data @ data.T, rtol=1e-13)
+    # a band of more than BAND_BLOCKS blocks is not read at once: blocks re-read their chunk
+    wide = Trajectories.from_input(ChunkedArray(np.zeros((20, 400)), chunk=400))
+    assert 400 // 10 > BAND_BLOCKS
+    assert wide.bands(block_bytes)[:2] == [
+        (slice(0, 10), [slice(0, 10)]),
+        (slice(10, 20), [slice(10, 20)]),
+    ]
+
+
+@pytest.mark.parametrize("container", [np.asarray, torch.from_numpy], ids=["numpy", "torch"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_reused_blocks_are_one_buffer_or_a_view_of_the_data(rng, container, dtype):
+    data = rng.standard_normal((20, 100)).astype(dtype)
+    trajectories = Trajectories.from_input(container(data))
+    seen = []
+    for columns, block in trajectories.blocks(block_bytes=20 * 8 * 30, reuse=True):
+        np.testing.assert_array_equal(block, data[:, columns])
+        assert block.dtype == np.float64
+        seen.append(block)
+    if dtype == np.float64:  # no copy at all
+        assert all(np.shares_memory(block, data) for block in seen)
+    else:  # one buffer, overwritten block after block
+        assert all(np.shares_memory(block, seen[0]) for block in seen)
+    fresh = [block for _, block in trajectories.blocks(block_bytes=20 * 8 * 30)]
+    assert not any(np.shares_memory(a, b) for a, b in itertools.combinations(fresh, 2))
+    assert not any(np.shares_memory(block, data) for block in fresh)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_reading_ahead_gives_the_same_gram_and_eigenvalues(rng, dtype):
+    data = [t.astype(dtype) for t in random_trajectories(rng, features=300)]
+    stored = [as_zarr(t, chunks=(8, 64)) for t in data]
+    trajectories = Trajectories.from_input(stored)
+    block_bytes = 27 * 8 * 20  # 20 columns per block, bands of 64
+    assert len(trajectories.bands(block_bytes)) == 5
+    ahead = streamed_gram(trajectories, block_bytes=block_bytes, prefetch=True)
+    plain = streamed_gram(trajectories, block_bytes=block_bytes, prefetch=False)
+    np.testing.assert_array_equal(ahead, plain)  # the same blocks, the same arithmetic
+    np.testing.assert_allclose(ahead, stacked(data) @ stacked(data).T, rtol=1e-13, atol=1e-11)
+    from koopkit_dmd.estimators import DMD
+
+    from_store = DMD(rank=10, block_bytes=block_bytes).fit(stored)  # reads ahead by default
+    in_memory = DMD(rank=10, block_bytes=block_bytes).fit(data)  # never reads ahead
+    np.testing.assert_allclose(from_store.eigenvalues, in_memory.eigenvalues, atol=1e-12)
+    np.testing.assert_allclose(from_store.residuals, in_memory.residuals, atol=1e-12)
+
+
+def _run_with_timeout(fn, seconds=60):
+    """``fn()`` in a thread: its exception or result, and a failure (not a hang) past ``seconds``."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "hung"
+    return outcome
+
+
+def read_ahead_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("koopkit-read-ahead")]
+
+
+@pytest.mark.parametrize("fail_from", [1, 50, 99])  # in the first band, a middle one, the last
+def test_an_error_while_reading_ahead_is_raised_in_the_caller(rng, fail_from):
+    data = rng.standard_normal((20, 100))
+    chunked = ChunkedArray(data, chunk=16, fail_from=fail_from)
+    trajectories = Trajectories.from_input(chunked)
+    outcome = _run_with_timeout(
+        lambda: streamed_gram(trajectories, block_bytes=20 * 8 * 8, prefetch=True)
+    )
+    assert isinstance(outcome.get("error"), OSError), outcome
+    assert "cannot read columns" in str(outcome["error"])
+    assert not read_ahead_threads()
+
+
+def test_stopping_early_ends_the_read_ahead(rng):
+    chunked = ChunkedArray(rng.standard_normal((20, 100)), chunk=16)
+    blocks = Trajectories.from_input(chunked).blocks(block_bytes=20 * 8 * 8, prefetch=True)
+    next(blocks)
+    blocks.close()
+    assert not read_ahead_threads()
+    assert len(chunked.reads) <= 2  # the band in use and the one read ahead, no more
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_data_read_ahead_names_the_trajectory(rng, bad):
+    data = random_trajectories(rng, features=300)
+    data[1][4, 250] = bad
+    trajectories = Trajectories.from_input([as_zarr(t, chunks=(8, 64)) for t in data])
+    with pytest.raises(NonFiniteDataError, match=r"trajectory 1\. Got NaN or Inf in features"):
+        streamed_gram(trajectories, block_bytes=27 * 8 * 20)
+    assert not read_ahead_threads()
+
+
+def test_finite_data_whose_gram_overflows_is_not_called_non_finite():
+    data = np.full((4, 10), 1e200)
+    gram = streamed_gram(Trajectories.from_input(data))
+    assert np.isinf(gram).all()
+
+
+def test_non_finite_data_on_a_torch_device_names_the_trajectory(rng):
+    data = random_trajectories(rng)
+    data[1][2, 5] = np.nan
+    with pytest.raises(NonFiniteDataError, match=r"Expected finite values in trajectory 1\."):
+        streamed_gram(Trajectories.from_input(data), device="cpu", block_bytes=27 * 8 * 5)
+    data[1][2, 5] = 1e300  # finite: the Gram overflows, which is not the data's fault
+    gram = streamed_gram(Trajectories.from_input(data), device="cpu", block_bytes=27 * 8 * 5)
+    assert np.isinf(gram).any()

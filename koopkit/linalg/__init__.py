@@ -4,7 +4,7 @@ Trajectories are tall (many features) and short (few snapshots). Everything here
 features in blocks and works with snapshot-by-snapshot (T x T) objects.
 """
 
-from .blocks import DEFAULT_BLOCK_BYTES, Trajectories
+from .blocks import BAND_BLOCKS, DEFAULT_BLOCK_BYTES, Trajectories
 from .factor import (
     GRAM_RELATIVE_ACCURACY,
     center_factor,
@@ -17,6 +17,7 @@ from .hankel import delay_window_starts, embedded_lengths, hankel_factor, hankel
 from .rank import RANK_RULES, check_rank_rule, optimal_hard_threshold, select_rank
 
 __all__ = [
+    "BAND_BLOCKS",
     "DEFAULT_BLOCK_BYTES",
     "GRAM_RELATIVE_ACCURACY",
     "RANK_RULES",

@@ -8,6 +8,8 @@ trajectories at a time, and only that block is ever upcast to float64.
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +19,18 @@ import numpy as np
 
 from ..errors import EstimationError, InsufficientDataError, NonFiniteDataError
 
-__all__ = ["DEFAULT_BLOCK_BYTES", "Trajectories"]
+__all__ = ["BAND_BLOCKS", "DEFAULT_BLOCK_BYTES", "Trajectories"]
 
-DEFAULT_BLOCK_BYTES = 64 * 2**20
-"""About this many bytes of float64 per block of all trajectories."""
+DEFAULT_BLOCK_BYTES = 16 * 2**20
+"""About this many bytes of float64 per block of all trajectories.
+
+Wide enough for GEMM speed (a few thousand columns at T = 1000), small beside the data: with
+a reused buffer it is the only per-block memory when the data are in memory.
+"""
+
+BAND_BLOCKS = 32
+"""A band of whole storage chunks is read at once while it takes at most this many blocks'
+bytes in the data's own dtype (512 MiB at the default block size); read-ahead keeps two."""
 
 _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 
@@ -126,7 +136,8 @@ class Trajectories:
         """Feature columns per block: about ``block_bytes`` of float64, aligned to storage chunks.
 
         A chunk is decoded whole on every read, so a block wider than a chunk covers whole
-        chunks; a narrower one (a small budget, huge chunks) re-reads its chunk.
+        chunks; a narrower one (a small budget, wide chunks) is cut from a band of whole chunks
+        read at once (see :meth:`bands`), or re-reads its chunk when that band is too large.
         """
         width = max(1, block_bytes // (8 * max(1, self.steps)))
         chunk = _column_chunk(self.arrays[0])
@@ -134,44 +145,128 @@ class Trajectories:
             width -= width % chunk
         return min(width, self.features)
 
+    def bands(self, block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[tuple[slice, list[slice]]]:
+        """The column bands read at once, each with the blocks it is cut into.
+
+        A band is one block; or, when blocks are narrower than the storage chunks, one column
+        of whole chunks, cut into blocks of near-equal width, so that each chunk is decoded
+        once rather than once per block. The latter only while such a band, in the data's own
+        dtype, takes at most ``BAND_BLOCKS`` blocks' bytes.
+        """
+        width = self.block_width(block_bytes)
+        band = width
+        chunk = _column_chunk(self.arrays[0])
+        if chunk is not None and width < chunk:
+            row_bytes = sum(
+                length * _itemsize(array.dtype)
+                for array, length in zip(self.arrays, self.lengths, strict=True)
+            )
+            if chunk * row_bytes <= BAND_BLOCKS * block_bytes:
+                band = chunk
+        plan = []
+        for start in range(0, self.features, band):
+            stop = min(start + band, self.features)
+            count = -(-(stop - start) // width)
+            edges = [start + (stop - start) * i // count for i in range(count + 1)]
+            cuts = [slice(a, b) for a, b in itertools.pairwise(edges)]
+            plan.append((slice(start, stop), cuts))
+        return plan
+
     def blocks(
-        self, *, block_bytes: int = DEFAULT_BLOCK_BYTES, device=None
+        self,
+        *,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        device=None,
+        reuse: bool = False,
+        prefetch: bool | None = None,
+        check_finite: bool = True,
     ) -> Iterator[tuple[slice, Any]]:
         """Yield ``(columns, block)``: the float64 ``(steps, width)`` stack of those columns.
 
-        The block is a numpy array, or a torch tensor on ``device`` when one is given. Each
-        block is checked for NaN and Inf as it is read, which costs no extra pass.
+        Parameters
+        ----------
+        block_bytes : int
+            About this many bytes of float64 per block.
+        device : str or torch.device, optional
+            Blocks are torch tensors on this device; numpy arrays when None.
+        reuse : bool
+            True: a block is valid only until the next one is asked for, and must not be
+            written to. It is one buffer, overwritten block after block, or, for a single
+            float64 trajectory in memory, a view of the data itself; so at most one block of
+            memory is used. False: every block is a new array.
+        prefetch : bool, optional
+            Read the next band of columns (:meth:`bands`) in a background thread while the
+            caller works on this one: zarr, dask, numpy and BLAS release the GIL. By default,
+            for data not already in memory (zarr, dask, h5py, a store) when this process may
+            use more than one CPU. An exception raised while reading is raised here, in the
+            caller. The blocks are the same either way.
+        check_finite : bool
+            Check each block for NaN and Inf as it is read, which costs no extra pass over the
+            data. A caller that turns this off checks some other way (see ``streamed_gram``).
         """
-        width = self.block_width(block_bytes)
-        for start in range(0, self.features, width):
-            columns = slice(start, min(start + width, self.features))
-            block = self._read(columns, device)
-            if not _all_finite(block):
-                self._raise_non_finite(block, columns)
-            yield columns, block
+        plan = self.bands(block_bytes)
+        if prefetch is None:
+            prefetch = len(plan) > 1 and _cpus() > 1 and not all(map(_in_memory, self.arrays))
+        band_columns = [band for band, _ in plan]
+        bands = _read_ahead(self._read_band, band_columns) if prefetch else None
+        widest = max(c.stop - c.start for _, cuts in plan for c in cuts)
+        buffer = None
+        try:
+            for band, block_columns in plan:
+                pieces = next(bands) if prefetch else self._read_band(band)
+                for columns in block_columns:
+                    local = slice(columns.start - band.start, columns.stop - band.start)
+                    shape = (self.steps, local.stop - local.start)
+                    block = self._view(pieces, local) if reuse and device is None else None
+                    if block is None:
+                        if not reuse:
+                            block = _shaped(_empty(shape[0] * shape[1], device), shape)
+                        else:
+                            if buffer is None:
+                                buffer = _empty(self.steps * widest, device)
+                            block = _shaped(buffer, shape)
+                        self._stack(pieces, local, block)
+                    if check_finite and not _all_finite(block):
+                        self.check_block(block, columns)
+                    yield columns, block
+                    del block
+                del pieces  # before the next band is read: at most two bands alive
+        finally:
+            if bands is not None:
+                bands.close()
 
     def stacked(self, *, block_bytes: int = DEFAULT_BLOCK_BYTES) -> np.ndarray:
         """All snapshots as one float64 ``(steps, features)`` array; for few features only."""
         out = np.empty((self.steps, self.features))
-        for columns, block in self.blocks(block_bytes=block_bytes):
+        for columns, block in self.blocks(block_bytes=block_bytes, reuse=True):
             out[:, columns] = block
         return out
 
-    def _read(self, columns: slice, device):
-        shape = (self.steps, columns.stop - columns.start)
-        if device is None:
-            out = np.empty(shape)
-        else:
-            import torch
+    def _read_band(self, columns: slice) -> list:
+        """Each trajectory's ``columns``, as stored: views of data in memory, else new arrays."""
+        return [_read_columns(array, columns) for array in self.arrays]
 
-            out = torch.empty(shape, dtype=torch.float64, device=device)
+    def _view(self, pieces: list, columns: slice):
+        """The block as a view of one float64 trajectory in memory that BLAS reads as is."""
+        if len(pieces) != 1 or not _in_memory(self.arrays[0]):
+            return None
+        piece = pieces[0]
+        if _is_torch_tensor(piece) and piece.device.type == "cpu":
+            piece = piece.numpy()  # shares the tensor's memory
+        if not isinstance(piece, np.ndarray) or piece.dtype != np.float64:
+            return None
+        view = piece[:, columns]
+        return view if _blas_ready(view) else None
+
+    def _stack(self, pieces: list, columns: slice, out) -> None:
+        """Copy each trajectory's ``columns`` into its rows of the float64 ``out``."""
         row = 0
-        for array, length in zip(self.arrays, self.lengths, strict=True):
-            _copy_into(out[row : row + length], _read_columns(array, columns))
+        for piece, length in zip(pieces, self.lengths, strict=True):
+            _copy_into(out[row : row + length], piece[:, columns])
             row += length
-        return out
 
-    def _raise_non_finite(self, block, columns: slice):
+    def check_block(self, block, columns: slice) -> None:
+        """Raise ``NonFiniteDataError`` naming the first trajectory with NaN or Inf in ``block``."""
         row = 0
         for i, length in enumerate(self.lengths):
             if not _all_finite(block[row : row + length]):
@@ -187,6 +282,73 @@ def _read_columns(array, columns: slice):
     if hasattr(piece, "compute"):  # dask reads only the chunks of these columns
         piece = piece.compute()
     return piece.detach() if _is_torch_tensor(piece) else np.asarray(piece)
+
+
+def _in_memory(array) -> bool:
+    """Numpy arrays (memmaps too) and torch tensors: slicing them reads nothing."""
+    return isinstance(array, np.ndarray) or _is_torch_tensor(array)
+
+
+def _cpus() -> int:
+    """CPUs this process may run on: reading ahead on a single one only adds switching."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _itemsize(dtype) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:  # a torch dtype
+        return int(getattr(dtype, "itemsize", 8))
+
+
+def _blas_ready(view: np.ndarray) -> bool:
+    """Whether BLAS reads this 2-D float64 array in place (unit stride along one axis)."""
+    if not view.flags.aligned or view.size == 0:
+        return False
+    rows, cols = view.strides
+    return (cols == 8 and rows % 8 == 0 and rows >= 8 * view.shape[1]) or (
+        rows == 8 and cols % 8 == 0 and cols >= 8 * view.shape[0]
+    )
+
+
+def _empty(size: int, device):
+    """A flat float64 buffer, numpy or on a torch device."""
+    if device is None:
+        return np.empty(size)
+    import torch
+
+    return torch.empty(size, dtype=torch.float64, device=device)
+
+
+def _shaped(flat, shape: tuple[int, int]):
+    """The first ``rows x cols`` entries of a flat buffer, as a C-contiguous matrix."""
+    return flat[: shape[0] * shape[1]].reshape(shape)
+
+
+def _read_ahead(read, items: list) -> Iterator:
+    """Yield ``read(item)`` for each item, reading the next one in a background thread meanwhile.
+
+    At most two results are alive: the one the caller works on and the next. An exception in
+    ``read`` is raised by the ``next()`` that would have returned its result; closing the
+    generator cancels or waits for the read in flight, so no thread outlives it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="koopkit-read-ahead")
+    future = None
+    try:
+        for i in range(len(items)):
+            result = None  # drop the previous result before the next read starts
+            result = (future or executor.submit(read, items[i])).result()
+            future = executor.submit(read, items[i + 1]) if i + 1 < len(items) else None
+            yield result
+    finally:
+        if future is not None:
+            future.cancel()
+        executor.shutdown(wait=True)
 
 
 def _copy_into(target, piece) -> None:

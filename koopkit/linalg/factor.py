@@ -79,7 +79,7 @@ def tsqr(
     rather than GEMM speed. Returns ``min(features, T)`` rows.
     """
     factor = None
-    for _, block in trajectories.blocks(block_bytes=block_bytes, device=device):
+    for _, block in trajectories.blocks(block_bytes=block_bytes, device=device, reuse=True):
         stacked = block.T if factor is None else _vstack(factor, block.T)
         factor = _triangular_factor(stacked)
     return factor if device is None else factor.cpu().numpy()

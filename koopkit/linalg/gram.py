@@ -22,6 +22,7 @@ def streamed_gram(
     triangular: np.ndarray | None = None,
     device=None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    prefetch: bool | None = None,
 ) -> np.ndarray:
     """``G = Z Z^T`` (float64, T x T), summed over blocks of feature columns.
 
@@ -36,18 +37,42 @@ def streamed_gram(
         Run the GEMMs with torch on this device (``"cuda"``); numpy when None.
     block_bytes : int
         Size of one float64 block of all trajectories.
+    prefetch : bool, optional
+        Read the next columns while this block's product runs (see ``Trajectories.blocks``);
+        the result is the same either way.
+
+    Notes
+    -----
+    One float64 block is alive at a time (plus, from storage, the band read ahead): a
+    reused buffer, or the data itself when they are float64 in memory. The product is
+    BLAS's SYRK on the block as laid out. NaN and Inf are caught from the diagonal of each
+    block's product (a sum of squares, non-finite exactly when a value is non-finite or it
+    overflows) rather than by a scan of the block; on a torch device, from the diagonal of
+    the sum, with a second pass to name the trajectory only when it is not finite.
     """
     steps = trajectories.steps
-    blocks = trajectories.blocks(block_bytes=block_bytes, device=device)
+    blocks = trajectories.blocks(
+        block_bytes=block_bytes,
+        device=device,
+        reuse=True,
+        prefetch=prefetch,
+        check_finite=False,  # from the diagonal of the product instead
+    )
     if device is None:
-        upper = np.zeros((steps, steps), order="F")
-        for _, block in blocks:
+        gram = np.zeros((steps, steps))
+        product = np.empty((steps, steps))
+        for columns, block in blocks:
+            solved = block
             if triangular is not None:
-                block = scipy.linalg.solve_triangular(
+                solved = scipy.linalg.solve_triangular(
                     triangular, block, trans="T", check_finite=False
                 )
-            upper = _add_outer_product(upper, block)
-        return np.triu(upper) + np.triu(upper, 1).T
+            with np.errstate(all="ignore"):  # NaN, Inf, overflow: checked below, as BLAS is
+                np.matmul(solved, solved.T, out=product)  # SYRK: numpy sees the shared operand
+            if not np.isfinite(product.diagonal()).all():
+                trajectories.check_block(block, columns)
+            gram += product
+        return np.triu(gram) + np.triu(gram, 1).T
 
     import torch
 
@@ -57,18 +82,10 @@ def streamed_gram(
         if lower is not None:
             block = torch.linalg.solve_triangular(lower, block, upper=False)
         gram.addmm_(block, block.T)
+    if not bool(gram.diagonal().isfinite().all()):  # one synchronisation, not one per block
+        for _ in trajectories.blocks(block_bytes=block_bytes, device=device, reuse=True):
+            pass  # raises, naming the trajectory, unless the data are finite and it overflowed
     return gram.cpu().numpy()
-
-
-def _add_outer_product(upper: np.ndarray, block: np.ndarray) -> np.ndarray:
-    """``upper + block @ block.T`` on the upper triangle, by SYRK on the block as laid out.
-
-    Half the flops of GEMM, no copy of the block, and many times faster than ``block @
-    block.T`` when T is small and the block wide.
-    """
-    if block.flags.f_contiguous:
-        return scipy.linalg.blas.dsyrk(1.0, block, beta=1.0, c=upper, overwrite_c=1)
-    return scipy.linalg.blas.dsyrk(1.0, block.T, beta=1.0, c=upper, trans=1, overwrite_c=1)
 
 
 def streamed_product(
@@ -77,21 +94,26 @@ def streamed_product(
     *,
     device=None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    prefetch: bool | None = None,
 ) -> np.ndarray:
     """``Z^T M`` (features x p) for a small real ``M`` (T x p), one block of features at a time.
 
     This is how state-space quantities such as DMD modes leave the T x T world: one more pass.
     """
     out = np.empty((trajectories.features, right.shape[1]))
+    blocks = trajectories.blocks(
+        block_bytes=block_bytes, device=device, reuse=True, prefetch=prefetch
+    )
     if device is None:
-        for columns, block in trajectories.blocks(block_bytes=block_bytes):
-            out[columns] = block.T @ right
+        right_t = np.ascontiguousarray(right.T)
+        for columns, block in blocks:
+            out[columns] = (right_t @ block).T  # faster than block.T @ right for a wide block
         return out
 
     import torch
 
     right_on_device = torch.as_tensor(right, device=device)
-    for columns, block in trajectories.blocks(block_bytes=block_bytes, device=device):
+    for columns, block in blocks:
         out[columns] = (block.T @ right_on_device).cpu().numpy()
     return out
 

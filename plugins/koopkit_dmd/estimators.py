@@ -269,7 +269,10 @@ class DMD(_Estimator):
         lengths = embedded_lengths(trajectories.lengths, delays)
         _, y = snapshot_pairs(lengths)
         oldest_rows = delay_window_starts(trajectories.lengths, delays)[y]
-        coefficients = np.hstack([dmd.mode_coefficients.real, dmd.mode_coefficients.imag])
+        # Real and imaginary parts interleaved, so the real product is the complex modes.
+        coefficients = np.empty((y.size, 2 * rank))
+        coefficients[:, 0::2] = dmd.mode_coefficients.real
+        coefficients[:, 1::2] = dmd.mode_coefficients.imag
 
         @functools.cache
         def modes() -> np.ndarray:
@@ -281,11 +284,10 @@ class DMD(_Estimator):
                 weights -= weights.mean(axis=0)
             product = streamed_product(
                 trajectories, weights, device=self.device, block_bytes=self.block_bytes
-            )
-            blocks = np.split(product, delays + 1, axis=1)
-            return fix_mode_phases(
-                np.vstack([block[:, :rank] + 1j * block[:, rank:] for block in blocks])
-            )
+            ).view(np.complex128)  # (features, (delays + 1) rank), no copy
+            if delays:
+                product = np.vstack(np.split(product, delays + 1, axis=1))
+            return fix_mode_phases(product, overwrite=True)
 
         return modes
 

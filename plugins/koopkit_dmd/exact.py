@@ -40,14 +40,19 @@ def snapshot_pairs(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return x, x + 1
 
 
-def fix_mode_phases(modes: np.ndarray) -> np.ndarray:
+def fix_mode_phases(modes: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """Modes rotated so each one's largest entry is real and positive.
 
     Eigenvectors are defined up to a complex factor, and different factorizations of the same
-    data return different ones; this makes the modes a function of the data alone.
+    data return different ones; this makes the modes a function of the data alone. With
+    ``overwrite``, ``modes`` (complex) is rotated in place and returned.
     """
     peaks = modes[np.argmax(np.abs(modes), axis=0), np.arange(modes.shape[1])]
-    return modes * np.exp(-1j * np.angle(peaks))
+    rotations = np.exp(-1j * np.angle(peaks))
+    if overwrite:
+        modes *= rotations
+        return modes
+    return modes * rotations
 
 
 @dataclass(frozen=True)
