@@ -31,11 +31,20 @@ def delay_window_starts(lengths: Sequence[int], delays: int) -> np.ndarray:
 
 
 def hankel_gram(gram: np.ndarray, lengths: Sequence[int], delays: int) -> np.ndarray:
-    """Gram of the delay-embedded snapshots from the base Gram ``G`` (T x T)."""
-    rows = delay_window_starts(lengths, delays)
-    out = np.zeros((rows.size, rows.size))
-    for shift in range(delays + 1):
-        out += gram[np.ix_(rows + shift, rows + shift)]
+    """Gram of the delay-embedded snapshots from the base Gram ``G`` (T x T).
+
+    Each pair of trajectories is one block, a sum of ``D + 1`` shifted slices of ``G``:
+    views, not gathered copies.
+    """
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+    sizes = list(embedded_lengths(lengths, delays))
+    edges = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    out = np.zeros((edges[-1], edges[-1]))
+    for i, (row, rows) in enumerate(zip(starts, sizes, strict=True)):
+        for j, (col, cols) in enumerate(zip(starts, sizes, strict=True)):
+            block = out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]]
+            for shift in range(delays + 1):
+                block += gram[row + shift : row + shift + rows, col + shift : col + shift + cols]
     return out
 
 
