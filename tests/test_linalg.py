@@ -343,13 +343,19 @@ def test_blocks_narrower_than_chunks_are_cut_from_bands_of_whole_chunks(rng):
     gram = streamed_gram(trajectories, block_bytes=block_bytes)
     assert chunked.reads == [(0, 32), (32, 64), (64, 96), (96, 100)]  # each chunk read once
     np.testing.assert_allclose(gram, data @ data.T, rtol=1e-13)
-    # a band of more than BAND_BLOCKS blocks is not read at once: blocks re-read their chunk
-    wide = Trajectories.from_input(ChunkedArray(np.zeros((20, 400)), chunk=400))
+    # a band of more than BAND_BLOCKS blocks is not held: the chunk is read in the fewest
+    # equal blocks of at most BAND_BLOCKS blocks' bytes (here 320 columns: two of 200)
+    wide_data = rng.standard_normal((20, 400))
+    wide_chunked = ChunkedArray(wide_data, chunk=400)
+    wide = Trajectories.from_input(wide_chunked)
     assert 400 // 10 > BAND_BLOCKS
-    assert wide.bands(block_bytes)[:2] == [
-        (slice(0, 10), [slice(0, 10)]),
-        (slice(10, 20), [slice(10, 20)]),
+    assert wide.bands(block_bytes) == [
+        (slice(0, 200), [slice(0, 200)]),
+        (slice(200, 400), [slice(200, 400)]),
     ]
+    gram = streamed_gram(wide, block_bytes=block_bytes)
+    assert sorted(wide_chunked.reads) == [(0, 200), (200, 400)]  # the chunk decoded twice
+    np.testing.assert_allclose(gram, wide_data @ wide_data.T, rtol=1e-13)
 
 
 @pytest.mark.parametrize("container", [np.asarray, torch.from_numpy], ids=["numpy", "torch"])

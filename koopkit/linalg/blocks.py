@@ -151,7 +151,9 @@ class Trajectories:
         A band is one block; or, when blocks are narrower than the storage chunks, one column
         of whole chunks, cut into blocks of near-equal width, so that each chunk is decoded
         once rather than once per block. The latter only while such a band, in the data's own
-        dtype, takes at most ``BAND_BLOCKS`` blocks' bytes.
+        dtype, takes at most ``BAND_BLOCKS`` blocks' bytes; a wider chunk is read in blocks of
+        up to that many bytes of float64 (an equal share of the chunk each), so it is decoded
+        a few times rather than once per default-sized block.
         """
         width = self.block_width(block_bytes)
         band = width
@@ -163,6 +165,10 @@ class Trajectories:
             )
             if chunk * row_bytes <= BAND_BLOCKS * block_bytes:
                 band = chunk
+            else:  # too wide to hold: fewer, wider blocks, so each chunk is decoded fewer times
+                widest = max(width, BAND_BLOCKS * block_bytes // (8 * max(1, self.steps)))
+                cuts = -(-chunk // widest)
+                width = band = -(-chunk // cuts)
         plan = []
         for start in range(0, self.features, band):
             stop = min(start + band, self.features)
