@@ -1035,6 +1035,23 @@ def test_recorder_sketch_on_cpu_projects_off_the_training_thread(memory_url, tin
     assert koopkit.open_store(memory_url).run("r2").status == "interrupted"
 
 
+def test_float16_sketch_is_the_rounded_float32_sketch(memory_url, tiny_model):
+    """The projection sums in float32 and rounds once, not term by term in float16."""
+    model = tiny_model()
+    n = sum(p.numel() for p in model.parameters())
+    with koopkit.Recorder(memory_url, "r", model, sketch=4, dtype="float16") as rec:
+        history = train(model, rec, 3)
+    values = np.asarray(koopkit.open_store(memory_url).array("r"))
+    assert values.dtype == np.float16
+    sketch = sk.make_sketch("countsketch", 4, n, 0, "cpu")
+    for step in range(4):
+        params = torch.from_numpy(history["params"][step])
+        wide = sketch.project([params], torch.empty(4))
+        np.testing.assert_array_equal(values[step], wide.half().numpy())
+    rounded = sketch.project([torch.from_numpy(history["params"][3])], torch.empty(4).half())
+    np.testing.assert_array_equal(rounded.numpy(), values[3])
+
+
 def test_close_frees_the_host_buffers_without_the_garbage_collector(memory_url, tiny_model):
     model = tiny_model()
     rec = koopkit.Recorder(memory_url, "r", model, sketch=8).open()

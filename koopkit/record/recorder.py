@@ -407,7 +407,11 @@ class Recorder:
                 }
                 attrs["source_size"] = int(self._size)
                 if self.device.type == "cpu":
-                    self._worker = ProjectionWorker(self._size, self.dtype, self._sketcher.project)
+                    self._worker = ProjectionWorker(
+                        self._size,
+                        torch.promote_types(self.dtype, torch.float32),  # round after projecting
+                        self._sketcher.project,
+                    )
             self._add_vector(
                 layout.PARAMS, (width,), ("param",), attrs, self._fill_params, worker=self._worker
             )

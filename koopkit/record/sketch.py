@@ -104,7 +104,13 @@ class CountSketch:
         return buckets, bits.to(torch.float32).mul_(-2).add_(1)
 
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
-        """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``."""
+        """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``.
+
+        Sums run in at least float32; a float16 or bfloat16 ``out`` gets the rounded result.
+        """
+        if out.dtype in (torch.float16, torch.bfloat16):
+            wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            return out.copy_(self.project(tensors, wide))
         out.zero_()
         flats = [t.detach().reshape(-1) for t in tensors]
         if self._fused is not None and self._fused.supports(out):
