@@ -356,6 +356,20 @@ def test_blocks_narrower_than_chunks_are_cut_from_bands_of_whole_chunks(rng):
     gram = streamed_gram(wide, block_bytes=block_bytes)
     assert sorted(wide_chunked.reads) == [(0, 200), (200, 400)]  # the chunk decoded twice
     np.testing.assert_allclose(gram, wide_data @ wide_data.T, rtol=1e-13)
+    # the blocks stay inside their chunk: none reads from two chunks
+    longer = rng.standard_normal((20, 1000))
+    longer_chunked = ChunkedArray(longer, chunk=401)  # two shares of 201 columns at most
+    longer_bands = Trajectories.from_input(longer_chunked).bands(block_bytes)
+    assert [(band.start, band.stop) for band, _ in longer_bands] == [
+        (0, 200),
+        (200, 401),
+        (401, 601),
+        (601, 802),
+        (802, 1000),
+    ]
+    gram = streamed_gram(Trajectories.from_input(longer_chunked), block_bytes=block_bytes)
+    assert all(a // 401 == (b - 1) // 401 for a, b in longer_chunked.reads)
+    np.testing.assert_allclose(gram, longer @ longer.T, rtol=1e-13)
 
 
 @pytest.mark.parametrize("container", [np.asarray, torch.from_numpy], ids=["numpy", "torch"])

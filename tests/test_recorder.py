@@ -32,6 +32,7 @@ from koopkit.errors import (
 )
 from koopkit.record import schedule as sched
 from koopkit.record import sketch as sk
+from koopkit.record import transfer
 from koopkit.record.recorder import Probe
 from koopkit.store.validate import validate_store
 from koopkit.store.writer import RunWriter
@@ -954,7 +955,7 @@ def test_countsketch_k4096_n100000_errors_within_four_std():
 def test_countsketch_uses_every_bucket_with_random_signs_within_a_bucket():
     n, k = 4096, 64
     for seed in range(8):
-        buckets, signs = sk.make_sketch("countsketch", k, n, seed, "cpu")._tables
+        buckets, signs = sk.make_sketch("countsketch", k, n, seed, "cpu")._buckets_and_signs(0, n)
         assert len(buckets.unique()) == k
         # within one bucket, both signs occur
         for b in range(4):
@@ -1050,6 +1051,46 @@ def test_float16_sketch_is_the_rounded_float32_sketch(memory_url, tiny_model):
         np.testing.assert_array_equal(values[step], wide.half().numpy())
     rounded = sketch.project([torch.from_numpy(history["params"][3])], torch.empty(4).half())
     np.testing.assert_array_equal(rounded.numpy(), values[3])
+
+
+def test_projection_worker_frees_its_input_when_a_copy_fails():
+    worker = transfer.ProjectionWorker(10, torch.float32, lambda tensors, out: out.zero_())
+    try:
+        with pytest.raises(RuntimeError):
+            worker.submit([torch.zeros(11)], torch.empty(4))  # does not fit the input
+        assert worker.input_free.acquire(blocking=False)  # not held: the next snapshot proceeds
+        worker.input_free.release()
+        row = torch.full((4,), 7.0)
+        worker.submit([torch.ones(10)], row)
+        worker.barrier().synchronize()
+        assert torch.equal(row, torch.zeros(4))
+    finally:
+        worker.close()
+
+
+def test_failed_open_closes_the_projection_worker(memory_url, tiny_model, monkeypatch):
+    closed = []
+    monkeypatch.setattr(transfer.ProjectionWorker, "close", lambda self: closed.append(self))
+
+    def broken(model, inputs):
+        raise RuntimeError("probe failed")
+
+    probes = {"p": Probe(torch.zeros(2, 3), fn=broken)}
+    with pytest.raises(RuntimeError, match="probe failed"):
+        koopkit.Recorder(memory_url, "r", tiny_model(), sketch=8, probes=probes).open()
+    assert len(closed) == 1
+
+
+def test_countsketch_caches_its_tables_on_first_use_and_checks_the_size():
+    sketch = sk.make_sketch("countsketch", 8, 100, 0, "cpu")
+    assert sketch._tables is None
+    x = torch.randn(100)
+    first = sketch.project([x], torch.empty(8))
+    tables = sketch._tables
+    assert tables is not None
+    assert torch.equal(sketch.project([x], torch.empty(8)), first) and sketch._tables is tables
+    with pytest.raises(ValueError, match="Expected 100 coordinates"):
+        sketch.project([x[:99]], torch.empty(8))
 
 
 def test_close_frees_the_host_buffers_without_the_garbage_collector(memory_url, tiny_model):

@@ -156,26 +156,26 @@ class Trajectories:
         a few times rather than once per default-sized block.
         """
         width = self.block_width(block_bytes)
-        band = width
+        band, hold = width, True
         chunk = _column_chunk(self.arrays[0])
         if chunk is not None and width < chunk:
             row_bytes = sum(
                 length * _itemsize(array.dtype)
                 for array, length in zip(self.arrays, self.lengths, strict=True)
             )
-            if chunk * row_bytes <= BAND_BLOCKS * block_bytes:
-                band = chunk
-            else:  # too wide to hold: fewer, wider blocks, so each chunk is decoded fewer times
+            band = chunk
+            if chunk * row_bytes > BAND_BLOCKS * block_bytes:
+                # too wide to hold: each block, a share of one chunk, is read on its own
+                hold = False
                 widest = max(width, BAND_BLOCKS * block_bytes // (8 * max(1, self.steps)))
-                cuts = -(-chunk // widest)
-                width = band = -(-chunk // cuts)
+                width = -(-chunk // -(-chunk // widest))
         plan = []
         for start in range(0, self.features, band):
             stop = min(start + band, self.features)
             count = -(-(stop - start) // width)
             edges = [start + (stop - start) * i // count for i in range(count + 1)]
             cuts = [slice(a, b) for a, b in itertools.pairwise(edges)]
-            plan.append((slice(start, stop), cuts))
+            plan.extend([(slice(start, stop), cuts)] if hold else [(c, [c]) for c in cuts])
         return plan
 
     def blocks(

@@ -200,6 +200,7 @@ class Recorder:
         self.resume, self.step_count = resume, int(start_step)
         self.optimizer, self.compressor = optimizer, compressor
         self._writer = None
+        self._worker = None
         self._hooks = []
         self._disabled = False
 
@@ -236,6 +237,8 @@ class Recorder:
             self._open_series()
         except BaseException:
             self._thread.stop()
+            if self._worker is not None:
+                self._worker.close()
             self._writer.abandon()
             raise
         self._install_sigterm()

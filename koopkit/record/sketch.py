@@ -77,8 +77,9 @@ class CountSketch:
     fused GPU kernel read each tile contiguously and hash on the fly
     (``koopkit.record.fused_sketch``); this torch code is the reference and the fallback.
 
-    O(n) per snapshot. Per-element bucket and sign tables are cached for vectors up to
-    2**28 entries and computed on the fly above that, in slices, to bound memory.
+    O(n) per snapshot. The torch path caches per-coordinate bucket and sign tables on first
+    use for vectors up to 2**28 entries and hashes on the fly above that, in slices, to
+    bound memory.
     """
 
     method = "countsketch"
@@ -92,8 +93,7 @@ class CountSketch:
         self.tile_keys = _mix(tiles, 2 * self.seed + 2) & _MASK32
         self._fused = _fused_kernel(self.device)
         self._buffer = None  # where the fused path concatenates small tensors
-        small = self.size <= _TABLE_LIMIT and self._fused is None
-        self._tables = self._buckets_and_signs(0, self.size) if small else None
+        self._tables = None  # per-coordinate buckets and signs, made on first use
 
     def _buckets_and_signs(self, start: int, stop: int):
         index = torch.arange(start, stop, device=self.device, dtype=torch.int64)
@@ -113,6 +113,9 @@ class CountSketch:
             return out.copy_(self.project(tensors, wide))
         out.zero_()
         flats = [t.detach().reshape(-1) for t in tensors]
+        total = sum(flat.numel() for flat in flats)
+        if total != self.size:
+            raise ValueError(f"Expected {self.size} coordinates to sketch; got {total}.")
         if self._fused is not None and self._fused.supports(out):
             self._project_fused(flats, out)
             return out
@@ -154,10 +157,12 @@ class CountSketch:
         for start in range(0, flat.numel(), step):
             part = flat[start : start + step]
             lo, hi = offset + start, offset + start + part.numel()
-            if self._tables is not None:
-                buckets, signs = self._tables[0][lo:hi], self._tables[1][lo:hi]
-            else:
+            if self.size > _TABLE_LIMIT:
                 buckets, signs = self._buckets_and_signs(lo, hi)
+            else:
+                if self._tables is None:
+                    self._tables = self._buckets_and_signs(0, self.size)
+                buckets, signs = self._tables[0][lo:hi], self._tables[1][lo:hi]
             out.index_add_(0, buckets, part.to(out.dtype) * signs.to(out.dtype))
 
 

@@ -124,12 +124,16 @@ class ProjectionWorker:
 
     def submit(self, tensors, row) -> None:
         self.input_free.acquire()
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            self.input[offset : offset + n].copy_(t.detach().reshape(-1))
-            offset += n
-        self.pool.submit(self._project, row)
+        try:
+            offset = 0
+            for t in tensors:
+                n = t.numel()
+                self.input[offset : offset + n].copy_(t.detach().reshape(-1))
+                offset += n
+            self.pool.submit(self._project, row)
+        except BaseException:  # nothing queued: the input is free again
+            self.input_free.release()
+            raise
 
     def _project(self, row) -> None:
         try:
