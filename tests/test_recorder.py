@@ -1125,7 +1125,12 @@ def test_recorder_with_sketch_stores_the_projection(memory_url, tiny_model, meth
     store = koopkit.open_store(memory_url)
     attrs = store.root["runs/r/params"].attrs.asdict()
     assert attrs["kind"] == "sketch"
-    assert attrs["sketch"] == {"method": method, "dim": 16, "seed": 7}
+    assert attrs["sketch"] == {
+        "method": method,
+        "dim": 16,
+        "seed": 7,
+        "hash": sk.make_sketch(method, 16, n, 7, "cpu").hash,
+    }
     assert attrs["source_size"] == n
     values = np.asarray(store.array("r"))
     assert values.shape == (5, 16)
@@ -1137,6 +1142,20 @@ def test_recorder_with_sketch_stores_the_projection(memory_url, tiny_model, meth
     expected = sketch.project([torch.from_numpy(history["grads"][3])], torch.empty(16))
     np.testing.assert_allclose(grads[3], expected.numpy(), rtol=1e-5, atol=1e-6)
     assert validate_store(memory_url)[0] == []
+
+
+def test_resuming_with_another_sketch_is_refused(memory_url, tiny_model):
+    """Same width, other seed, method or hash: the new rows would be another projection."""
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, sketch=8, seed=1) as rec:
+        train(model, rec, 2)
+    with koopkit.Recorder(memory_url, "r", model, sketch=8, seed=1, start_step=2) as rec:
+        rec.step()  # the same sketch: resumes with step 3
+    for kwargs in ({"seed": 2}, {"seed": 1, "sketch_method": "gaussian"}):
+        with pytest.raises(ShapeChangedError, match="recorded with sketch"):
+            koopkit.Recorder(memory_url, "r", model, sketch=8, **kwargs).open()
+    run = koopkit.open_store(memory_url).run("r")
+    assert run.committed("params") == 4 and validate_store(memory_url)[0] == []
 
 
 def test_negative_sketch_seed_is_refused(memory_url, tiny_model):

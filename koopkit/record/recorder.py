@@ -407,6 +407,7 @@ class Recorder:
                     "method": self.sketch_method,
                     "dim": int(self.sketch),
                     "seed": int(self.seed),
+                    "hash": self._sketcher.hash,
                 }
                 attrs["source_size"] = int(self._size)
                 if self.device.type == "cpu":

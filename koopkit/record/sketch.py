@@ -83,6 +83,7 @@ class CountSketch:
     """
 
     method = "countsketch"
+    hash = "tile-rotation"  # recorded with the sketch: another hash is another map
 
     def __init__(self, dim: int, size: int, seed: int = 0, device="cpu"):
         self.dim, self.size, self.seed = int(dim), int(size), int(seed)
@@ -173,6 +174,7 @@ class GaussianSketch:
     """
 
     method = "gaussian"
+    hash = "cpu-randn-blocks"  # recorded with the sketch: how G is drawn from the seed
     block = 1 << 16
 
     def __init__(self, dim: int, size: int, seed: int = 0, device="cpu"):

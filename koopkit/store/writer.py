@@ -90,6 +90,12 @@ class SeriesWriter:
                     f"Series {spec.path!r} was recorded with other tensors; "
                     "the model's parameters changed. Record into a new run."
                 )
+            old_sketch, new_sketch = group.attrs.get("sketch"), spec.attrs.get("sketch")
+            if old_sketch != new_sketch:
+                raise ShapeChangedError(
+                    f"Series {spec.path!r} was recorded with sketch {old_sketch}; got "
+                    f"{new_sketch}: its columns would mean something else. Record into a new run."
+                )
             self.written = min(committed_rows, self.value.shape[0], self.step.shape[0])
             self.value.resize((self.written, *spec.row_shape))  # drop uncommitted rows
             self.step.resize((self.written,))
