@@ -130,7 +130,9 @@ class CountSketch:
         """One kernel launch per group of small tensors, concatenated into a reused buffer.
 
         A launch costs tens of microseconds on the host, a model has hundreds of tensors,
-        and the copy into the buffer is one fast device kernel per group.
+        and the copy into the buffer is one fast device kernel per group. The buffer (at most
+        2**26 float32, 256 MiB) lives as long as the sketch and is reused call after call, so
+        calls must come from one CUDA stream, as the Recorder's do.
         """
         group, group_start, offset = [], 0, 0
         for flat in flats + [None]:
