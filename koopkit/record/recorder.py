@@ -16,7 +16,7 @@ from ..store import layout
 from ..store.writer import RunWriter, SeriesSpec
 from .schedule import make_schedule
 from .sketch import make_sketch
-from .transfer import ProjectionWorker, ScalarLog, VectorStream, WriterThread
+from .transfer import ProjectionWorker, ScalarLog, VectorStream, WriterThread, flatten_into
 
 __all__ = ["Recorder", "Probe"]
 
@@ -516,11 +516,7 @@ class Recorder:
             else:
                 self._sketcher.project(tensors, row)
             return
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            row[offset : offset + n].copy_(t.detach().reshape(-1))
-            offset += n
+        flatten_into(row, tensors)
 
     def _install_sigterm(self):
         """Turn SIGTERM into SystemExit so the ``with`` block flushes and marks the run interrupted."""

@@ -24,6 +24,15 @@ def _host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     return buffer.pin_memory() if pin else buffer
 
 
+def flatten_into(row: torch.Tensor, tensors) -> None:
+    """Copy ``tensors``, flattened and in order, into the flat ``row``."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        row[offset : offset + n].copy_(t.detach().reshape(-1))
+        offset += n
+
+
 class VectorStream:
     """Snapshots of one flat vector per step, handed to the writer in whole chunk rows."""
 
@@ -125,11 +134,7 @@ class ProjectionWorker:
     def submit(self, tensors, row) -> None:
         self.input_free.acquire()
         try:
-            offset = 0
-            for t in tensors:
-                n = t.numel()
-                self.input[offset : offset + n].copy_(t.detach().reshape(-1))
-                offset += n
+            flatten_into(self.input, tensors)
             self.pool.submit(self._project, row)
         except BaseException:  # nothing queued: the input is free again
             self.input_free.release()
