@@ -28,6 +28,7 @@ MODULES = [  # run in this order
     "bench_hankel",
     "bench_out_of_core",
     "bench_recorder_cpu",
+    "bench_writer_contention",
     "bench_recorder_cuda",
     "bench_permutation",
     "bench_gpu_dmd",

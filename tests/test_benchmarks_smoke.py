@@ -30,6 +30,7 @@ def test_every_benchmark_runs_at_tiny_size(tmp_path):
         "hankel",
         "out-of-core",
         "recorder-cpu",
+        "writer-contention",
         "recorder-cuda",
         "permutation",
         "gpu-dmd",

@@ -21,7 +21,7 @@ import os
 import struct
 from typing import NamedTuple
 
-__all__ = ["ArrayMeta", "LocalNodes", "NotCanonical", "ZarrNodes"]
+__all__ = ["ArrayDocument", "ArrayMeta", "LocalNodes", "NotCanonical", "ZarrNodes", "parse_array"]
 
 ZARR_JSON = "zarr.json"
 MAX_CHUNK_ROWS = 2**24  # step chunks read here; larger ones (koopkit writes 1024) go to zarr
@@ -133,9 +133,9 @@ def _is_fill(value, dtype: str) -> bool:
     return type(value) in (int, float) and abs(value) <= 65504  # finite in every float type
 
 
-class _Array(NamedTuple):
+class ArrayDocument(NamedTuple):
     meta: ArrayMeta
-    chunk_rows: int
+    chunks: tuple[int, ...]
     fill: object
     raw: bool  # chunks are the plain little-endian bytes, no compressor
 
@@ -156,7 +156,8 @@ def _group_attrs(doc: dict) -> dict:
     return attrs
 
 
-def _array(doc: dict) -> _Array:
+def parse_array(doc: dict) -> ArrayDocument:
+    """An array's ``zarr.json`` document, if it is in the exact form zarr writes; else NotCanonical."""
     shape, dtype, codecs = doc.get("shape"), doc.get("data_type"), doc.get("codecs")
     if not (
         _ARRAY_REQUIRED <= doc.keys() <= _ARRAY_KEYS
@@ -196,9 +197,9 @@ def _array(doc: dict) -> _Array:
     if codecs[0] != plain:
         raise NotCanonical
     chunks = grid["configuration"]["chunk_shape"]
-    return _Array(
+    return ArrayDocument(
         ArrayMeta(tuple(shape), dtype),
-        chunks[0] if chunks else 1,
+        tuple(chunks),
         doc["fill_value"],
         len(codecs) == 1,
     )
@@ -251,11 +252,11 @@ class LocalNodes:
             raise NotCanonical
         return _group_attrs(doc)
 
-    def _array(self, path: str) -> _Array:
+    def _array(self, path: str) -> ArrayDocument:
         doc = self._document(path)
         if doc is None or doc["node_type"] != "array":
             raise NotCanonical
-        return _array(doc)
+        return parse_array(doc)
 
     def attrs(self, path: str) -> dict:
         return self._group(path)
@@ -267,7 +268,7 @@ class LocalNodes:
         if doc["node_type"] == "group":  # zarr parses the document too
             _group_attrs(doc)
         else:
-            _array(doc)
+            parse_array(doc)
         return True
 
     def groups(self, path: str) -> list[tuple[str, dict]]:
@@ -290,7 +291,7 @@ class LocalNodes:
             if doc["node_type"] == "group":
                 children.append((name, _group_attrs(doc)))
             else:
-                _array(doc)
+                parse_array(doc)
         return sorted(children, key=lambda item: item[0])
 
     def array(self, path: str) -> ArrayMeta:
@@ -299,28 +300,29 @@ class LocalNodes:
     def rows(self, path: str, stop: int) -> tuple[int, ...]:
         """The first ``stop`` rows of a one-dimensional, uncompressed integer array."""
         array = self._array(path)
+        chunk_rows = array.chunks[0] if array.chunks else 1
         if not (
             len(array.meta.shape) == 1
             and array.meta.dtype in _INTS
             and array.raw
-            and array.chunk_rows <= MAX_CHUNK_ROWS
+            and chunk_rows <= MAX_CHUNK_ROWS
         ):
             raise NotCanonical
         count = min(stop, array.meta.shape[0])
         code = _INTS[array.meta.dtype]
-        chunk = f"<{array.chunk_rows}{code}"
+        chunk = f"<{chunk_rows}{code}"
         size = struct.calcsize(chunk)
         values: list[int] = []
-        for start in range(0, count, array.chunk_rows):  # every chunk zarr would read
+        for start in range(0, count, chunk_rows):  # every chunk zarr would read
             try:
-                with open(self._path(path, "c", str(start // array.chunk_rows)), "rb") as f:
+                with open(self._path(path, "c", str(start // chunk_rows)), "rb") as f:
                     data = f.read(size + 1) if os.fstat(f.fileno()).st_size == size else b""
                 if len(data) != size:
                     raise NotCanonical  # zarr cannot decode it either; it says how
                 values.extend(struct.unpack(chunk, data))
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 # never written (all fill value), as zarr reads a missing chunk
-                values.extend([array.fill] * min(array.chunk_rows, count - start))
+                values.extend([array.fill] * min(chunk_rows, count - start))
             except OSError:
                 raise NotCanonical from None
         return tuple(values[:count])

@@ -19,6 +19,7 @@ import numpy as np
 from .. import __version__
 from ..errors import InvalidRunIdError, RunExistsError, ShapeChangedError, WriteFailedError
 from . import layout
+from .chunk_files import ChunkFiles
 from .location import local_path, open_root
 from .lock import RunLock
 
@@ -69,9 +70,13 @@ def _column_chunks(row_shape, chunk_steps, itemsize):
 
 
 class SeriesWriter:
-    """Appends rows to one series and writes them in whole chunk rows."""
+    """Appends rows to one series and writes them in whole chunk rows.
 
-    def __init__(self, run_group, spec: SeriesSpec, committed_rows: int):
+    ``directory`` is where the series lives when the store is a local directory: its
+    uncompressed arrays are then written chunk file by chunk file (see ``chunk_files``).
+    """
+
+    def __init__(self, run_group, spec: SeriesSpec, committed_rows: int, directory=None):
         self.spec = spec
         self.chunk_steps = spec.chunk_steps
         dtype = np.dtype(spec.dtype)
@@ -135,6 +140,10 @@ class SeriesWriter:
             self.written = 0
             self.last_step = None
         self.group = group
+        self.value_files = self.step_files = None
+        if directory is not None:
+            self.value_files = ChunkFiles.open(os.path.join(directory, "value"))
+            self.step_files = ChunkFiles.open(os.path.join(directory, "step"))
         self.buffer = np.empty((self.chunk_steps, *spec.row_shape), dtype=dtype)
         self.buffer_steps = np.empty(self.chunk_steps, dtype=np.int64)
         self.pending = 0
@@ -167,8 +176,14 @@ class SeriesWriter:
         start, stop = self.written, self.written + len(steps)
         self.value.resize((stop, *self.spec.row_shape))
         self.step.resize((stop,))
-        self.value[start:stop] = rows
-        self.step[start:stop] = steps
+        for array, files, values in (
+            (self.value, self.value_files, rows),
+            (self.step, self.step_files, steps),
+        ):
+            if files is None:
+                array[start:stop] = values
+            else:
+                files.append(start, values)
         self.written = stop
 
     def append(self, steps, rows) -> bool:
@@ -226,10 +241,11 @@ class RunWriter:
         root = open_root(url, writable=True)
         path = layout.run_path(run_id)
         directory = local_path(url)
+        self.directory = None if directory is None else directory / path
         self.lock = RunLock(
             self.url,
             run_id,
-            directory=None if directory is None else directory / path,
+            directory=self.directory,
             describe_holder=lambda: self._holder(root, path),
         )
         try:
@@ -311,7 +327,8 @@ class RunWriter:
         """Create the series, or reopen it (trimmed to its committed rows) when resuming."""
         with self._guard():
             committed = self.attrs["committed_steps"].get(spec.path, 0)
-            series = SeriesWriter(self.group, spec, committed)
+            directory = None if self.directory is None else self.directory / spec.path
+            series = SeriesWriter(self.group, spec, committed, directory)
             self.series[spec.path] = series
             self.attrs["committed_steps"].setdefault(spec.path, series.written)
         return series

@@ -1,0 +1,164 @@
+"""Rows appended to an uncompressed array of a local store by writing its chunk files directly.
+
+zarr's write path takes every chunk through its event loop, acquiring the GIL many times per
+chunk. A training loop bound by kernel launches needs the GIL between launches, and while
+zarr writes a 340 MB row beside it, it runs at less than half its speed; written here, a few
+system calls per chunk (each releasing the GIL), the slowdown is within the noise
+(``benchmarks/bench_writer_contention.py``). This applies to arrays whose chunks are plain
+little-endian bytes under a regular grid and ``/`` keys, as the writer creates them: a chunk
+is then exactly its values in C order, padded with the fill value past the array's edge.
+Each file is written under a temporary name and renamed into place, as zarr writes it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import uuid
+
+import numpy as np
+
+from .nodes import ZARR_JSON, NotCanonical, parse_array
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "writev") else 0  # pieces per writev
+
+
+class ChunkFiles:
+    """Appends rows to one local zarr v3 array whose chunks are raw bytes."""
+
+    def __init__(self, directory, chunks, dtype, fill):
+        self.directory = os.fspath(directory)
+        self.chunks = tuple(chunks)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.fill = np.asarray(fill, dtype=self.dtype)
+        self._fill_values = None  # one chunk of the fill value, for padding
+        self._folders: set[str] = set()  # chunk folders known to exist
+        self._suffix = f"{uuid.uuid4().hex}.partial"
+
+    @classmethod
+    def open(cls, directory) -> ChunkFiles | None:
+        """For the array stored at ``directory``; None unless its chunks are raw bytes (or
+        where the system has no ``writev``, as on Windows)."""
+        if not _IOV_MAX:
+            return None
+        try:
+            with open(os.path.join(directory, ZARR_JSON), "rb") as f:
+                document = parse_array(json.loads(f.read()))
+        except (OSError, ValueError, NotCanonical):
+            return None
+        if not document.raw or not document.chunks:
+            return None
+        fill = document.fill
+        return cls(
+            directory,
+            document.chunks,
+            document.meta.dtype,
+            float(fill) if isinstance(fill, str) else fill,
+        )
+
+    def append(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` as rows ``start, start + 1, ...``, the new end of the array.
+
+        Rows before ``start`` in its chunks are read back and kept; chunk rows past the end
+        hold the fill value, as zarr pads an edge chunk. Files are written one after another:
+        writing several at once from more threads takes the GIL from the training thread
+        more often, and slowed it as much as zarr's own path does.
+        """
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        depth = self.chunks[0]
+        stop = start + len(rows)
+        for first in range(start - start % depth, stop, depth):
+            low, high = max(start, first), min(stop, first + depth)
+            part = rows[low - start : high - start]
+            for index, region in self._regions(part.shape[1:]):
+                path = os.path.join(self.directory, "c", str(first // depth), *map(str, index))
+                values = part[(slice(None), *region)]
+                if low == first and self._rows_are_contiguous(region, part.shape[1:]):
+                    pieces = self._pieces(values)
+                else:
+                    pieces = [self._merged(path, low - first, values)]
+                self._write(path, pieces)
+
+    def _regions(self, row_shape):
+        """(chunk index, slices) of every chunk over the row axes."""
+        spans = [
+            [(i, slice(a, min(a + size, length))) for i, a in enumerate(range(0, length, size))]
+            for length, size in zip(row_shape, self.chunks[1:], strict=True)
+        ]
+        for combination in itertools.product(*spans):
+            yield tuple(i for i, _ in combination), tuple(s for _, s in combination)
+
+    def _rows_are_contiguous(self, region, row_shape) -> bool:
+        """Whether each row's part of this chunk is one run of memory, needing no padding
+        inside: only the first row axis is cut; the chunk holds the others exactly whole."""
+        return all(
+            s.start == 0 and s.stop == size == length
+            for s, size, length in zip(region[1:], self.chunks[2:], row_shape[1:], strict=True)
+        )
+
+    def _pieces(self, values: np.ndarray) -> list[np.ndarray]:
+        """The chunk as byte pieces written in order: each row's values, then fill padding."""
+        depth, width = self.chunks[0], int(np.prod(self.chunks[1:], dtype=np.int64))
+        row_size = values[0].size if len(values) else 0
+        pieces = []
+        for row in values:
+            pieces.append(row.reshape(-1))
+            if row_size < width:
+                pieces.append(self._fill_run(width - row_size))
+        if len(values) < depth:
+            pieces.append(self._fill_run((depth - len(values)) * width))
+        return [piece.view(np.uint8) for piece in pieces]
+
+    def _fill_run(self, count: int) -> np.ndarray:
+        if self._fill_values is None:
+            self._fill_values = np.full(int(np.prod(self.chunks)), self.fill, dtype=self.dtype)
+        return self._fill_values[:count]
+
+    def _merged(self, path: str, low: int, values: np.ndarray) -> np.ndarray:
+        """The chunk at ``path`` (or the fill value) with ``values`` put in from row ``low``."""
+        chunk = np.full(self.chunks, self.fill, dtype=self.dtype)
+        if low:  # rows already in this chunk are kept
+            try:
+                with open(path, "rb") as f:
+                    if f.readinto(chunk.reshape(-1).view(np.uint8)) != chunk.nbytes or f.read(1):
+                        raise OSError(f"Chunk file {path!r} does not hold {chunk.nbytes} bytes.")
+            except FileNotFoundError:  # never written: all fill value, as zarr reads it
+                pass
+        high = low + len(values)
+        chunk[(slice(low, high), *(slice(0, n) for n in values.shape[1:]))] = values
+        chunk[high:] = self.fill
+        return chunk.reshape(-1).view(np.uint8)
+
+    def _write(self, path: str, pieces: list[np.ndarray]) -> None:
+        """Write under a temporary name, then rename: four system calls, since each one gives
+        the GIL back and waits to take it again behind a busy training thread."""
+        folder = os.path.dirname(path)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        partial = f"{path}.{self._suffix}"
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                _write_all(fd, [piece for piece in pieces if piece.size])
+            finally:
+                os.close(fd)
+            os.replace(partial, path)
+        except BaseException:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+            raise
+
+
+def _write_all(fd: int, pieces: list[np.ndarray]) -> None:
+    """``os.writev`` until every byte is written (it may write less than asked)."""
+    while pieces:
+        written = os.writev(fd, pieces[:_IOV_MAX])
+        while pieces and written >= pieces[0].size:
+            written -= pieces[0].size
+            pieces.pop(0)
+        if written:
+            pieces[0] = pieces[0][written:]
