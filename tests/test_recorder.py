@@ -1022,7 +1022,7 @@ def test_recorder_sketch_on_cpu_projects_off_the_training_thread(memory_url, tin
             threads.add(threading.current_thread().name)
             return project(tensors, out)
 
-        rec._worker.project = spy
+        rec._workers["params"].project = spy
         train(model, rec, 3)
     assert threads and all(name.startswith("koopkit-sketch") for name in threads)
 
@@ -1031,9 +1031,34 @@ def test_recorder_sketch_on_cpu_projects_off_the_training_thread(memory_url, tin
 
     with pytest.raises(WriteFailedError, match="projection failed"):
         with koopkit.Recorder(memory_url, "r2", model, sketch=8, max_inflight_bytes=256) as rec:
-            rec._worker.project = broken
+            rec._workers["params"].project = broken
             train(model, rec, 50)
     assert koopkit.open_store(memory_url).run("r2").status == "interrupted"
+
+
+def test_params_and_grads_sketches_project_independently(memory_url, tiny_model):
+    """Each series has its own projection input: the grads copy never waits for params'."""
+    model = tiny_model()
+    release, stepped = threading.Event(), threading.Event()
+    with koopkit.Recorder(memory_url, "r", model, sketch=8, grads=True, initial=False) as rec:
+        params = rec._workers["params"]
+        assert params is not rec._workers["grads"]
+        project = params.project
+
+        def held(tensors, out):
+            release.wait(30)
+            return project(tensors, out)
+
+        params.project = held
+        trainer = threading.Thread(target=lambda: (train(model, rec, 1), stepped.set()))
+        trainer.start()
+        try:
+            assert stepped.wait(10), "the grads copy waited for the params projection"
+        finally:
+            release.set()
+            trainer.join()
+    history = koopkit.open_store(memory_url).run("r")
+    assert history.committed("params") == history.committed("grads") == 1
 
 
 def test_float16_sketch_is_the_rounded_float32_sketch(memory_url, tiny_model):
@@ -1097,7 +1122,7 @@ def test_close_frees_the_host_buffers_without_the_garbage_collector(memory_url, 
     model = tiny_model()
     rec = koopkit.Recorder(memory_url, "r", model, sketch=8).open()
     buffers = [weakref.ref(b) for s in rec._vectors.values() for b in [s.current]]
-    worker = weakref.ref(rec._worker)
+    worker = weakref.ref(rec._workers["params"])
     gc.disable()
     try:
         rec.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import threading
@@ -200,7 +201,7 @@ class Recorder:
         self.resume, self.step_count = resume, int(start_step)
         self.optimizer, self.compressor = optimizer, compressor
         self._writer = None
-        self._worker = None
+        self._workers: dict[str, ProjectionWorker] = {}  # CPU sketches, one per series
         self._hooks = []
         self._disabled = False
 
@@ -237,8 +238,7 @@ class Recorder:
             self._open_series()
         except BaseException:
             self._thread.stop()
-            if self._worker is not None:
-                self._worker.close()
+            self._close_workers()
             self._writer.abandon()
             raise
         self._install_sigterm()
@@ -285,11 +285,15 @@ class Recorder:
             for stream in self._streams():
                 stream.hand_off()
         self._thread.stop()
-        if self._worker is not None:
-            self._worker.close()
+        self._close_workers()
         # drop the host buffers now, not when the garbage collector breaks the cycles
-        self._vectors, self._fillers, self._scalars, self._worker = {}, {}, {}, None
+        self._vectors, self._fillers, self._scalars = {}, {}, {}
         return writer
+
+    def _close_workers(self):
+        for worker in self._workers.values():
+            worker.close()
+        self._workers = {}
 
     def _report(self, error) -> None:
         """A failed write: raise it (on_error="raise") or warn once (on_error="warn")."""
@@ -395,7 +399,7 @@ class Recorder:
 
     def _open_series(self):
         self._vectors, self._fillers, self._scalars, self._resume_after = {}, {}, {}, {}
-        self._worker = None
+        self._workers = {}
         if self._chosen:
             width = self.sketch or self._size
             attrs = {"kind": self._kind, "tensors": self._table}
@@ -410,19 +414,17 @@ class Recorder:
                     "hash": self._sketcher.hash,
                 }
                 attrs["source_size"] = int(self._size)
-                if self.device.type == "cpu":
-                    self._worker = ProjectionWorker(
+            vectors = {layout.PARAMS: self._params, layout.GRADS: self._grads}
+            for path in [layout.PARAMS, layout.GRADS] if self.grads else [layout.PARAMS]:
+                worker = None
+                if self.sketch and self.device.type == "cpu":  # each series its own input
+                    worker = self._workers[path] = ProjectionWorker(
                         self._size,
                         torch.promote_types(self.dtype, torch.float32),  # round after projecting
                         self._sketcher.project,
                     )
-            self._add_vector(
-                layout.PARAMS, (width,), ("param",), attrs, self._fill_params, worker=self._worker
-            )
-            if self.grads:
-                self._add_vector(
-                    layout.GRADS, (width,), ("param",), attrs, self._fill_grads, worker=self._worker
-                )
+                fill = functools.partial(self._fill, tensors=vectors[path], worker=worker)
+                self._add_vector(path, (width,), ("param",), attrs, fill, worker=worker)
         for name, probe in self.probes.items():
             if not isinstance(probe, Probe):
                 probe = Probe(*probe) if isinstance(probe, tuple) else Probe(probe)
@@ -501,22 +503,19 @@ class Recorder:
                 )
             self._chosen[i] = (name, now)
 
-    def _fill_params(self, row):
-        self._fill(row, [p for _, p in self._chosen])
+    def _params(self):
+        return [p for _, p in self._chosen]
 
-    def _fill_grads(self, row):
-        self._fill(
-            row, [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self._chosen]
-        )
+    def _grads(self):
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self._chosen]
 
-    def _fill(self, row, tensors):
-        if self.sketch:
-            if self._worker is not None:
-                self._worker.submit(tensors, row)
-            else:
-                self._sketcher.project(tensors, row)
-            return
-        flatten_into(row, tensors)
+    def _fill(self, row, tensors, worker):
+        if worker is not None:
+            worker.submit(tensors(), row)
+        elif self.sketch:
+            self._sketcher.project(tensors(), row)
+        else:
+            flatten_into(row, tensors())
 
     def _install_sigterm(self):
         """Turn SIGTERM into SystemExit so the ``with`` block flushes and marks the run interrupted."""
