@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import koopkit
-from koopkit.errors import WriteFailedError
+from koopkit.errors import StoreError, WriteFailedError
 from koopkit.store import writer
 from koopkit.store.chunk_files import ChunkFiles
 from koopkit.store.validate import validate_store
@@ -158,3 +158,63 @@ def test_recorder_writes_local_chunks_without_zarr(tmp_path, tiny_model, monkeyp
 
 def _refuse(*args, **kwargs):
     raise AssertionError("a row went through zarr")
+
+
+def _stored(url, values, chunk_steps):
+    run = RunWriter(url, "r")
+    run.add_series(
+        SeriesSpec("params", values.shape[1:], chunk_steps=chunk_steps, row_dims=("param",))
+    )
+    run.append("params", np.arange(len(values)), values)
+    run.close()
+    return koopkit.open_store(url).trajectory("r", "params")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.integers(1, 12),
+    features=st.integers(1, 40),
+    chunk_steps=st.integers(1, 5),
+    chunk_bytes=st.sampled_from([8, 40, 2**20]),
+    data=st.data(),
+)
+def test_reading_chunk_files_equals_reading_through_zarr(
+    steps, features, chunk_steps, chunk_bytes, data
+):
+    values = np.random.default_rng(steps).standard_normal((steps, features), dtype=np.float32)
+    original = writer.CHUNK_BYTES
+    writer.CHUNK_BYTES = chunk_bytes
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            view = _stored(Path(folder, "s.zarr"), values, chunk_steps)
+            assert view.files is not None
+            for _ in range(5):
+                r0, r1 = sorted(data.draw(st.lists(st.integers(0, steps), min_size=2, max_size=2)))
+                c0, c1 = sorted(
+                    data.draw(st.lists(st.integers(0, features), min_size=2, max_size=2))
+                )
+                got = view[r0:r1, c0:c1]
+                np.testing.assert_array_equal(got, values[r0:r1, c0:c1])
+                np.testing.assert_array_equal(got, view.array[r0:r1, c0:c1])
+                assert got.dtype == np.float32 and got.shape == (r1 - r0, c1 - c0)
+    finally:
+        writer.CHUNK_BYTES = original
+
+
+def test_a_missing_chunk_reads_as_the_fill_value_and_a_short_one_fails(tmp_path):
+    values = np.ones((4, 6), dtype=np.float32)
+    original = writer.CHUNK_BYTES
+    writer.CHUNK_BYTES = 16  # chunks of 2 x 2
+    try:
+        view = _stored(tmp_path / "s.zarr", values, 2)
+    finally:
+        writer.CHUNK_BYTES = original
+    chunk = tmp_path / "s.zarr" / "runs" / "r" / "params" / "value" / "c" / "1" / "2"
+    chunk.unlink()
+    expected = values.copy()
+    expected[2:4, 4:6] = np.nan
+    np.testing.assert_array_equal(view[:, :], expected)
+    np.testing.assert_array_equal(view.array[:, :], expected)  # as zarr reads it
+    chunk.write_bytes(b"\0" * 15)
+    with pytest.raises(StoreError, match="does not hold 16 bytes"):
+        view[:, :]

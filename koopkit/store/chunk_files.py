@@ -1,4 +1,4 @@
-"""Rows appended to an uncompressed array of a local store by writing its chunk files directly.
+"""Uncompressed arrays of a local store, written and read through their chunk files directly.
 
 zarr's write path takes every chunk through its event loop, acquiring the GIL many times per
 chunk. A training loop bound by kernel launches needs the GIL between launches, and while
@@ -8,6 +8,10 @@ system calls per chunk (each releasing the GIL), the slowdown is within the nois
 little-endian bytes under a regular grid and ``/`` keys, as the writer creates them: a chunk
 is then exactly its values in C order, padded with the fill value past the array's edge.
 Each file is written under a temporary name and renamed into place, as zarr writes it.
+
+Reading a band of columns, zarr decodes each chunk whole to keep a slice of it: a reader of
+columns narrower than the chunks decodes each chunk many times. ``read`` takes only the bytes
+asked for from each chunk file (one ``preadv`` per row of a chunk, straight into the result).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 
 from .nodes import ZARR_JSON, NotCanonical, parse_array
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "writev") else 0  # pieces per writev
+_DIRECT = hasattr(os, "writev") and hasattr(os, "preadv")
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if _DIRECT else 0  # pieces one writev takes
 
 
 class ChunkFiles:
@@ -39,8 +44,8 @@ class ChunkFiles:
     @classmethod
     def open(cls, directory) -> ChunkFiles | None:
         """For the array stored at ``directory``; None unless its chunks are raw bytes (or
-        where the system has no ``writev``, as on Windows)."""
-        if not _IOV_MAX:
+        where the system lacks ``writev`` and ``preadv``, as Windows does)."""
+        if not _DIRECT:
             return None
         try:
             with open(os.path.join(directory, ZARR_JSON), "rb") as f:
@@ -79,6 +84,38 @@ class ChunkFiles:
                 else:
                     pieces = [self._merged(path, low - first, values)]
                 self._write(path, pieces)
+
+    def read(self, rows: slice, columns: slice) -> np.ndarray:
+        """``array[rows, columns]`` of a 2-D array (slices with step 1, within its shape)."""
+        out = np.empty((rows.stop - rows.start, columns.stop - columns.start), dtype=self.dtype)
+        depth, width = self.chunks
+        itemsize = self.dtype.itemsize
+        for first in range(rows.start - rows.start % depth, rows.stop, depth):
+            low, high = max(rows.start, first), min(rows.stop, first + depth)
+            for index in range(columns.start // width, -(-columns.stop // width)):
+                left = max(columns.start, index * width)
+                right = min(columns.stop, (index + 1) * width)
+                target = out[
+                    low - rows.start : high - rows.start,
+                    left - columns.start : right - columns.start,
+                ]
+                path = os.path.join(self.directory, "c", str(first // depth), str(index))
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # never written: all fill value
+                    target[...] = self.fill
+                    continue
+                try:
+                    if os.fstat(fd).st_size != depth * width * itemsize:
+                        raise OSError(
+                            f"Chunk file {path!r} does not hold {depth * width * itemsize} bytes."
+                        )
+                    for row in range(low, high):
+                        offset = ((row - first) * width + left - index * width) * itemsize
+                        _read_all(fd, target[row - low].view(np.uint8), offset, path)
+                finally:
+                    os.close(fd)
+        return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
     def _regions(self, row_shape):
         """(chunk index, slices) of every chunk over the row axes."""
@@ -151,6 +188,15 @@ class ChunkFiles:
             except OSError:
                 pass
             raise
+
+
+def _read_all(fd: int, buffer: np.ndarray, offset: int, path: str) -> None:
+    """``os.preadv`` until ``buffer`` is full (it may read less than asked)."""
+    while buffer.size:
+        count = os.preadv(fd, [buffer], offset)
+        if not count:
+            raise OSError(f"Chunk file {path!r} ended early.")
+        buffer, offset = buffer[count:], offset + count
 
 
 def _write_all(fd: int, pieces: list[np.ndarray]) -> None:

@@ -20,7 +20,7 @@ from ..errors import (
     ValidationError,
 )
 from . import layout
-from .location import open_local_nodes, open_root
+from .location import local_path, open_local_nodes, open_root
 from .nodes import ZarrNodes
 from .schema import validate_attrs
 
@@ -43,11 +43,14 @@ T = TypeVar("T")
 class CommittedRows:
     """A stored array seen only up to its committed rows, read lazily by slicing.
 
-    Estimators stream it in column blocks, so nothing is loaded until they ask.
+    Estimators stream it in column blocks, so nothing is loaded until they ask. ``files``
+    (a local, uncompressed 2-D array) reads blocks of rows and columns from the chunk files
+    themselves, only the bytes asked for.
     """
 
-    def __init__(self, array, rows: int, where: str = "series"):
+    def __init__(self, array, rows: int, where: str = "series", files=None):
         self.array = array
+        self.files = files
         self.where = where
         self.shape = (int(rows), *array.shape[1:])
         self.dtype = array.dtype
@@ -68,9 +71,24 @@ class CommittedRows:
         else:
             raise TypeError("rows of a stored series are indexed by an int or a slice")
         try:
-            return self.array[(first, *rest)]
+            block = self._from_files(first, rest) if self.files is not None else None
+            return self.array[(first, *rest)] if block is None else block
         except Exception as exc:  # a chunk that does not decode is the store's fault
             raise StoreError(f"Cannot read {self.where}: {type(exc).__name__}: {exc}") from exc
+
+    def _from_files(self, rows, rest):
+        """``[rows, columns]`` read from the chunk files: a non-empty block, steps of 1."""
+        if not isinstance(rows, slice) or len(rest) > 1:
+            return None
+        columns = rest[0] if rest else slice(None)
+        if not isinstance(columns, slice):
+            return None
+        columns = slice(*columns.indices(self.shape[1]))
+        if rows.step != 1 or columns.step != 1:
+            return None
+        if rows.stop <= rows.start or columns.stop <= columns.start:
+            return None  # empty: zarr gives it its shape
+        return self.files.read(rows, columns)
 
     def __array__(self, dtype=None, copy=None):
         data = self[:]
@@ -238,9 +256,14 @@ class TrajectoryStore:
             )
         where = f"{layout.run_path(run_id)}/{path}/value"
         value = self.root[where]
-        return CommittedRows(
-            value, min(info.committed(path), value.shape[0]), f"{where} in {self.url!r}"
-        )
+        directory = local_path(self.url)
+        files = None
+        if directory is not None and value.ndim == 2:
+            from .chunk_files import ChunkFiles
+
+            files = ChunkFiles.open(directory.joinpath(*where.split("/")))
+        rows = min(info.committed(path), value.shape[0])
+        return CommittedRows(value, rows, f"{where} in {self.url!r}", files)
 
     def _committed_steps(self, run_id: str, path: str):
         info = self._info(run_id)
