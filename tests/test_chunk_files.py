@@ -24,8 +24,11 @@ from koopkit.store.writer import RunWriter, SeriesSpec
 ROW_SHAPES = {(): (), (7,): ("param",), (3, 5): ("sample", "feature")}
 
 
-def _record(url, row_shape, dtype, chunk_steps, batches, flush_after):
-    """Append the batches (then flush where asked) and return every row written."""
+def _record(url, row_shape, dtype, chunk_steps, batches, flush_after, blank=()):
+    """Append the batches (then flush where asked) and return every row written.
+
+    Batches in ``blank`` hold only the fill value: zarr stores no chunk made of it.
+    """
     run = RunWriter(url, "r")
     run.add_series(
         SeriesSpec("s", row_shape, dtype, chunk_steps=chunk_steps, row_dims=ROW_SHAPES[row_shape])
@@ -34,6 +37,8 @@ def _record(url, row_shape, dtype, chunk_steps, batches, flush_after):
     step, written = 0, []
     for i, count in enumerate(batches):
         rows = (rng.standard_normal((count, *row_shape)) * 100).astype(dtype)
+        if i in blank:
+            rows[...] = np.nan if rows.dtype.kind == "f" else 0
         run.append("s", np.arange(step, step + count), rows)
         written.append(rows)
         step += count
@@ -60,22 +65,24 @@ def _chunk_files(root: Path) -> dict[str, bytes]:
     chunk_bytes=st.sampled_from([8, 24, 2**20]),
     batches=st.lists(st.integers(1, 7), min_size=1, max_size=6),
     flush_after=st.sets(st.integers(0, 5), max_size=3),
+    blank=st.sets(st.integers(0, 5), max_size=3),
 )
 def test_chunk_files_are_the_files_zarr_writes(
-    row_shape, dtype, chunk_steps, chunk_bytes, batches, flush_after
+    row_shape, dtype, chunk_steps, chunk_bytes, batches, flush_after, blank
 ):
-    """Whole and partial chunk rows, padded edge chunks, merges into a chunk row: the bytes
-    on disk equal zarr's own, file for file, and zarr reads back exactly what was written."""
+    """Whole and partial chunk rows, padded edge chunks, merges into a chunk row, chunks of
+    nothing but the fill value (zarr stores none): the bytes on disk equal zarr's own, file for
+    file, and zarr reads back exactly what was written."""
     original = writer.CHUNK_BYTES
     writer.CHUNK_BYTES = chunk_bytes  # small: several column chunks, the last one padded
     try:
         with tempfile.TemporaryDirectory() as folder:
             direct, through_zarr = Path(folder, "direct.zarr"), Path(folder, "zarr.zarr")
-            expected = _record(direct, row_shape, dtype, chunk_steps, batches, flush_after)
+            expected = _record(direct, row_shape, dtype, chunk_steps, batches, flush_after, blank)
             opened = ChunkFiles.open
             ChunkFiles.open = classmethod(lambda cls, directory: None)
             try:
-                _record(through_zarr, row_shape, dtype, chunk_steps, batches, flush_after)
+                _record(through_zarr, row_shape, dtype, chunk_steps, batches, flush_after, blank)
             finally:
                 ChunkFiles.open = opened
             assert _chunk_files(direct) == _chunk_files(through_zarr)

@@ -1106,6 +1106,28 @@ def test_failed_open_closes_the_projection_worker(memory_url, tiny_model, monkey
     assert len(closed) == 1
 
 
+def test_countsketch_tables_are_made_once_when_two_threads_project(monkeypatch):
+    """Params and grads project on two threads; the first use must not build the tables twice."""
+    sketch = sk.make_sketch("countsketch", 8, 100, 0, "cpu")
+    made, build = [], sketch._buckets_and_signs
+
+    def slow_build(start, stop):
+        made.append((start, stop))
+        time.sleep(0.2)
+        return build(start, stop)
+
+    monkeypatch.setattr(sketch, "_buckets_and_signs", slow_build)
+    x = torch.randn(100)
+    outs = [torch.empty(8), torch.empty(8)]
+    threads = [threading.Thread(target=sketch.project, args=([x], out)) for out in outs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert made == [(0, 100)]
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_countsketch_caches_its_tables_on_first_use_and_checks_the_size():
     sketch = sk.make_sketch("countsketch", 8, 100, 0, "cpu")
     assert sketch._tables is None

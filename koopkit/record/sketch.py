@@ -13,6 +13,7 @@ References: Charikar, Chen & Farach-Colton (2002), CountSketch; Woodruff (2014),
 from __future__ import annotations
 
 import importlib.util
+import threading
 
 import torch
 
@@ -95,6 +96,7 @@ class CountSketch:
         self._fused = _fused_kernel(self.device)
         self._buffer = None  # where the fused path concatenates small tensors
         self._tables = None  # per-coordinate buckets and signs, made on first use
+        self._tables_lock = threading.Lock()  # params and grads may project at once
 
     def _buckets_and_signs(self, start: int, stop: int):
         index = torch.arange(start, stop, device=self.device, dtype=torch.int64)
@@ -163,8 +165,9 @@ class CountSketch:
             if self.size > _TABLE_LIMIT:
                 buckets, signs = self._buckets_and_signs(lo, hi)
             else:
-                if self._tables is None:
-                    self._tables = self._buckets_and_signs(0, self.size)
+                with self._tables_lock:  # made once, not once per projecting thread
+                    if self._tables is None:
+                        self._tables = self._buckets_and_signs(0, self.size)
                 buckets, signs = self._tables[0][lo:hi], self._tables[1][lo:hi]
             out.index_add_(0, buckets, part.to(out.dtype) * signs.to(out.dtype))
 

@@ -122,6 +122,8 @@ class ProjectionWorker:
     On CPU a CountSketch costs a few times a plain copy. ``submit`` copies the tensors into
     the one input buffer (waiting while the previous projection still reads it) and queues
     the projection into the row; the writer waits on ``barrier()`` before writing a buffer.
+    Each series has its own worker (params and grads: two inputs the size of the parameters),
+    so one copy never waits for another series' projection.
     """
 
     def __init__(self, size: int, dtype: torch.dtype, project):

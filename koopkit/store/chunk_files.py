@@ -7,7 +7,10 @@ system calls per chunk (each releasing the GIL), the slowdown is within the nois
 (``benchmarks/bench_writer_contention.py``). This applies to arrays whose chunks are plain
 little-endian bytes under a regular grid and ``/`` keys, as the writer creates them: a chunk
 is then exactly its values in C order, padded with the fill value past the array's edge.
-Each file is written under a temporary name and renamed into place, as zarr writes it.
+Each file is written under a temporary name and renamed into place, and a chunk of nothing
+but the fill value is removed rather than stored, as zarr does. One difference, never read:
+past the end of the array, a rewritten chunk holds the fill value where zarr would keep the
+bytes of rows trimmed when a run was resumed.
 
 Reading a band of columns, zarr decodes each chunk whole to keep a slice of it: a reader of
 columns narrower than the chunks decodes each chunk many times. ``read`` takes only the bytes
@@ -26,7 +29,7 @@ import numpy as np
 from .nodes import ZARR_JSON, NotCanonical, parse_array
 
 _DIRECT = hasattr(os, "writev") and hasattr(os, "preadv")
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if _DIRECT else 0  # pieces one writev takes
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if _DIRECT else 0  # pieces per writev (>= 16)
 
 
 class ChunkFiles:
@@ -80,10 +83,14 @@ class ChunkFiles:
                 path = os.path.join(self.directory, "c", str(first // depth), *map(str, index))
                 values = part[(slice(None), *region)]
                 if low == first and self._rows_are_contiguous(region, part.shape[1:]):
-                    pieces = self._pieces(values)
+                    chunk, pieces = values, self._pieces(values)  # the rest is fill
                 else:
-                    pieces = [self._merged(path, low - first, values)]
-                self._write(path, pieces)
+                    chunk = self._merged(path, low - first, values)
+                    pieces = [chunk.reshape(-1).view(np.uint8)]
+                if self._only_fill(chunk):
+                    _remove(path)  # as zarr: a chunk of fill values is not stored
+                else:
+                    self._write(path, pieces)
 
     def read(self, rows: slice, columns: slice) -> np.ndarray:
         """``array[rows, columns]`` of a 2-D array (slices with step 1, within its shape)."""
@@ -165,7 +172,21 @@ class ChunkFiles:
         high = low + len(values)
         chunk[(slice(low, high), *(slice(0, n) for n in values.shape[1:]))] = values
         chunk[high:] = self.fill
-        return chunk.reshape(-1).view(np.uint8)
+        return chunk
+
+    def _only_fill(self, values: np.ndarray) -> bool:
+        """Whether every value is the fill value; the first value settles most chunks."""
+        first = values[(slice(0, 1),) * values.ndim]
+        return bool(self._is_fill(first).all()) and bool(self._is_fill(values).all())
+
+    def _is_fill(self, values: np.ndarray) -> np.ndarray:
+        """Equality to the fill value as zarr decides it: NaN equals NaN, zero compares bits."""
+        if self.dtype.kind == "f" and np.isnan(self.fill):
+            return np.isnan(values)
+        if self.dtype.kind == "f" and self.fill == 0:
+            void = f"V{self.dtype.itemsize}"
+            return values.view(void) == self.fill.view(void)
+        return values == self.fill
 
     def _write(self, path: str, pieces: list[np.ndarray]) -> None:
         """Write under a temporary name, then rename: four system calls, since each one gives
@@ -188,6 +209,13 @@ class ChunkFiles:
             except OSError:
                 pass
             raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _read_all(fd: int, buffer: np.ndarray, offset: int, path: str) -> None:
