@@ -225,3 +225,17 @@ def test_a_missing_chunk_reads_as_the_fill_value_and_a_short_one_fails(tmp_path)
     chunk.write_bytes(b"\0" * 15)
     with pytest.raises(StoreError, match="does not hold 16 bytes"):
         view[:, :]
+
+
+def test_resuming_removes_what_a_killed_write_left(tmp_path):
+    url = tmp_path / "s.zarr"
+    _record(url, (7,), "float32", 2, [3], set())
+    chunks = url / "runs" / "r" / "s" / "value" / "c" / "0"
+    left = chunks / f"0.{'ab' * 16}.partial"
+    kept = chunks / "notes.txt"
+    left.write_bytes(b"torn")
+    kept.write_bytes(b"not a temporary file")
+    run = RunWriter(url, "r")
+    run.add_series(SeriesSpec("s", (7,), chunk_steps=2, row_dims=("param",)))
+    run.close()
+    assert not left.exists() and kept.exists()

@@ -22,12 +22,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import uuid
 
 import numpy as np
 
 from .nodes import ZARR_JSON, NotCanonical, parse_array
 
+_PARTIAL = re.compile(r"\d+\.[0-9a-f]{32}\.partial")  # a chunk's temporary file
 _DIRECT = hasattr(os, "writev") and hasattr(os, "preadv")
 _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX")) if _DIRECT else 0  # pieces per writev (>= 16)
 
@@ -91,6 +93,14 @@ class ChunkFiles:
                     _remove(path)  # as zarr: a chunk of fill values is not stored
                 else:
                     self._write(path, pieces)
+
+    def remove_partial_files(self) -> None:
+        """Delete the temporary files of writes a killed process never renamed (its own and
+        zarr's: ``<chunk>.<hex>.partial``); only while no other process writes the array."""
+        for folder, _, names in os.walk(os.path.join(self.directory, "c")):
+            for name in names:
+                if _PARTIAL.fullmatch(name):
+                    _remove(os.path.join(folder, name))
 
     def read(self, rows: slice, columns: slice) -> np.ndarray:
         """``array[rows, columns]`` of a 2-D array (slices with step 1, within its shape)."""

@@ -144,6 +144,9 @@ class SeriesWriter:
         if directory is not None:
             self.value_files = ChunkFiles.open(os.path.join(directory, "value"))
             self.step_files = ChunkFiles.open(os.path.join(directory, "step"))
+            for files in (self.value_files, self.step_files):
+                if files is not None:  # what a killed writer left, if this series is resumed
+                    files.remove_partial_files()
         self.buffer = np.empty((self.chunk_steps, *spec.row_shape), dtype=dtype)
         self.buffer_steps = np.empty(self.chunk_steps, dtype=np.int64)
         self.pending = 0
