@@ -117,16 +117,11 @@ class ChunkFiles:
                     left - columns.start : right - columns.start,
                 ]
                 path = os.path.join(self.directory, "c", str(first // depth), str(index))
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:  # never written: all fill value
+                fd = self._open_chunk(path)
+                if fd is None:  # never written: all fill value
                     target[...] = self.fill
                     continue
                 try:
-                    if os.fstat(fd).st_size != depth * width * itemsize:
-                        raise OSError(
-                            f"Chunk file {path!r} does not hold {depth * width * itemsize} bytes."
-                        )
                     for row in range(low, high):
                         offset = ((row - first) * width + left - index * width) * itemsize
                         _read_all(fd, target[row - low].view(np.uint8), offset, path)
@@ -172,17 +167,28 @@ class ChunkFiles:
     def _merged(self, path: str, low: int, values: np.ndarray) -> np.ndarray:
         """The chunk at ``path`` (or the fill value) with ``values`` put in from row ``low``."""
         chunk = np.full(self.chunks, self.fill, dtype=self.dtype)
-        if low:  # rows already in this chunk are kept
+        fd = self._open_chunk(path) if low else None  # rows already there are kept
+        if fd is not None:  # else never written: all fill value, as zarr reads it
             try:
-                with open(path, "rb") as f:
-                    if f.readinto(chunk.reshape(-1).view(np.uint8)) != chunk.nbytes or f.read(1):
-                        raise OSError(f"Chunk file {path!r} does not hold {chunk.nbytes} bytes.")
-            except FileNotFoundError:  # never written: all fill value, as zarr reads it
-                pass
+                _read_all(fd, chunk.reshape(-1).view(np.uint8), 0, path)
+            finally:
+                os.close(fd)
         high = low + len(values)
         chunk[(slice(low, high), *(slice(0, n) for n in values.shape[1:]))] = values
         chunk[high:] = self.fill
         return chunk
+
+    def _open_chunk(self, path: str) -> int | None:
+        """A descriptor of the chunk file, checked to hold one whole chunk; None if absent."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        size = int(np.prod(self.chunks)) * self.dtype.itemsize
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            raise OSError(f"Chunk file {path!r} does not hold {size} bytes.")
+        return fd
 
     def _only_fill(self, values: np.ndarray) -> bool:
         """Whether every value is the fill value; the first value settles most chunks."""
