@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import (
+    EstimationError,
     InsufficientDataError,
     KoopkitError,
     NonFiniteDataError,
@@ -31,6 +32,7 @@ __all__ = [
     "SpectrumResult",
     "Comparison",
     "group_runs",
+    "step_interval",
     "estimate_groups",
     "compare_store",
 ]
@@ -119,17 +121,55 @@ def _progress(message: str, enabled: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def step_interval(store, run_id: str, series: str = "params") -> int | None:
+    """The optimizer steps between consecutive rows of a run's series; None with one row.
+
+    A Koopman estimate treats rows as equally spaced in time: rows at uneven steps (a
+    log-spaced schedule, dropped snapshots) would mix time steps, and are refused.
+    """
+    steps = np.asarray(store.steps(run_id, series))
+    if steps.size < 2:
+        return None
+    gaps = np.unique(np.diff(steps))
+    if gaps.size > 1:
+        shown = ", ".join(str(int(g)) for g in gaps[:5]) + (", ..." if gaps.size > 5 else "")
+        raise SelectionError(
+            f"Expected the rows of {series!r} in run {run_id!r} at one step interval. Got "
+            f"intervals {shown} instead; a spectrum needs equally spaced snapshots."
+        )
+    return int(gaps[0])
+
+
+def _group_interval(store, group: Group, series: str) -> int | None:
+    """The step interval all runs of a group share (their rows are fitted as one system)."""
+    intervals = {run_id: step_interval(store, run_id, series) for run_id in group.runs}
+    known = {v for v in intervals.values() if v is not None}
+    if len(known) > 1:
+        shown = ", ".join(f"{run_id}: {v}" for run_id, v in intervals.items())
+        raise SelectionError(
+            f"Expected the runs fitted together to share one step interval. Got {shown}."
+        )
+    return known.pop() if known else None
+
+
 def estimate_groups(
     store, groups, estimator="dmd", params=None, series="params", progress=False
 ) -> list[SpectrumResult]:
-    """One spectrum per group, each from all the group's runs jointly."""
+    """One spectrum per group, each from all the group's runs jointly.
+
+    Each spectrum's ``meta["step_interval"]`` is the optimizer steps between its rows: an
+    eigenvalue is per that many steps.
+    """
     est = create("estimator", estimator, **(params or {}))
     results = []
     for i, group in enumerate(groups, 1):
         _progress(f"[{i}/{len(groups)}] {estimator}: {', '.join(group.runs)}", progress)
+        interval = _group_interval(store, group, series)
         trajectories = [store.trajectory(run_id, series) for run_id in group.runs]
         try:
             spectrum = est.fit(trajectories)
+        except EstimationError as exc:  # the same error, naming the runs it concerns
+            raise type(exc)(f"Runs {list(group.runs)}: {exc}") from exc
         except KoopkitError:
             raise
         except Exception as exc:
@@ -148,7 +188,7 @@ def estimate_groups(
             raise NonFiniteDataError(
                 f"Estimator {estimator!r} gave non-finite eigenvalues for runs {list(group.runs)}."
             )
-        meta = {**spectrum.meta, "runs": list(group.runs)}
+        meta = {**spectrum.meta, "runs": list(group.runs), "step_interval": interval}
         results.append(
             SpectrumResult(
                 group,
@@ -269,6 +309,22 @@ def run_tests(d, labels, conditions, test, metric, spectra):
     return p, results
 
 
+def _check_one_interval(spectra: list[SpectrumResult]) -> None:
+    """Spectra of different step intervals hold eigenvalues of different time steps
+    (``lambda`` against ``lambda ** k``): their distances would measure the sampling."""
+    intervals = {}
+    for r in spectra:
+        interval = r.spectrum.meta.get("step_interval")
+        if interval is not None:
+            intervals.setdefault(interval, r.group.runs[0])
+    if len(intervals) > 1:
+        shown = ", ".join(f"every {k} (run {run!r})" for k, run in sorted(intervals.items()))
+        raise SelectionError(
+            f"Expected spectra of one step interval to compare. Got {shown}; record or select "
+            "runs sampled at the same interval."
+        )
+
+
 def compare_spectra(
     spectra: list[SpectrumResult],
     metric="wasserstein",
@@ -278,6 +334,7 @@ def compare_spectra(
     replicated=True,
 ) -> Comparison:
     """Distances among all spectra once, then the test for each pair of conditions."""
+    _check_one_interval(spectra)
     labels = np.array([_label(r.group.condition) for r in spectra], dtype=object)
     conditions = list(dict.fromkeys(labels.tolist()))
     if len(conditions) < 2:

@@ -541,13 +541,13 @@ def test_invalid_parameters(make, match):
             DMD(),
             [np.zeros((6, 3))],
             EstimationError,
-            r"Expected snapshots with at least one nonzero singular value\.",
+            r"Expected snapshots with at least one singular value above rounding noise\.",
         ),
         (
             DMD(rank=0.9, method="gram"),
             [np.zeros((6, 3))],
             EstimationError,
-            r"Expected snapshots with at least one nonzero singular value\.",
+            r"Expected snapshots with at least one singular value above rounding noise\.",
         ),
     ],
 )
@@ -565,7 +565,96 @@ def test_non_finite_data(rng, bad, features):
         DMD().fit(trajectories)
 
 
-def test_non_finite_eigenvalues(rng):
+def test_a_rank_into_the_rounding_noise_is_refused(rng):
     trajectory = np.c_[rng.standard_normal(30), np.zeros(30)]  # a zero singular value
-    with pytest.raises(NonFiniteDataError, match=r"Expected finite eigenvalues at rank 2\."):
+    with pytest.raises(EstimationError, match=r"Expected rank at most 1: the data have 1 singular"):
         DMD(rank=2).fit(trajectory)
+
+
+# -- the noise floors: the data's rounding, and what the Gram resolves -----------------------
+
+
+def decaying_modes(rng, eigenvalues, weights, features, steps=40):
+    """Snapshots ``sum_i w_i lambda_i^t q_i`` for orthonormal ``q_i``: singular values ~ w."""
+    basis = np.linalg.qr(rng.standard_normal((features, len(eigenvalues))))[0]
+    powers = np.asarray(eigenvalues) ** np.arange(steps)[:, None]
+    return (np.asarray(weights) * powers) @ basis.T
+
+
+def test_float32_full_rank_keeps_modes_far_above_its_rounding(rng):
+    """200 000 float32 features: a mode at 1.3e-3 of the largest singular value is signal.
+
+    A cut of ``features * eps32 * s_max`` (numpy's matrix_rank) is 2.4e-2 of the largest
+    here and kept 2 of the 4 modes.
+    """
+    eigenvalues = [0.99, 0.9, 0.7, 0.5]
+    data = decaying_modes(rng, eigenvalues, [1.0, 0.3, 0.1, 0.03], 200_000, steps=30)
+    spectrum = DMD().fit(data.astype(np.float32))
+    assert spectrum.rank == 4
+    assert_same_eigenvalues(spectrum.eigenvalues, eigenvalues, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("smallest", "method"),
+    [(1e-2, "gram"), (1e-3, "gram"), (1e-4, "qr"), (1e-5, "qr"), (6.6e-7, "qr"), (1e-7, "qr")],
+)
+def test_auto_full_rank_gives_the_direct_svds_eigenvalues(rng, smallest, method):
+    """Whatever the conditioning, ``auto`` is within 1e-8 of a direct SVD: the Gram only
+    where its eigenvalues are that accurate, the CholeskyQR factor elsewhere."""
+    eigenvalues = [0.97, 0.8, 0.6, -0.4]
+    data = decaying_modes(rng, eigenvalues, [1, 1, 1, smallest], 3000)
+    spectrum = DMD(rank=4).fit(data)
+    assert_same_eigenvalues(spectrum.eigenvalues, direct_exact_dmd([data], rank=4), atol=1e-8)
+    assert spectrum.meta["method"] == method
+
+
+def test_the_gram_method_keeps_only_what_the_gram_resolves(rng):
+    eigenvalues = [0.99, 0.9, 0.5, -0.3]
+    data = decaying_modes(rng, eigenvalues, [1, 1, 1, 1], 500, steps=60)
+    spectrum = DMD(method="gram").fit(data)  # rank 4 exactly: the rest is Gram rounding
+    assert spectrum.rank == 4
+    assert_same_eigenvalues(spectrum.eigenvalues, eigenvalues, atol=1e-8)
+    assert DMD(method="gram", rank="gd").fit(data).rank == 4
+    with pytest.raises(EstimationError, match=r"rank at most 4.*method='qr' resolves"):
+        DMD(method="gram", rank=5).fit(data)
+
+
+def test_pca_hankel_keeps_no_gram_noise_as_modes(rng):
+    """Exact rank-6 dynamics plus an offset: the six eigenvalues and 1 (the offset), by
+    default as with the stable factor, none made of the Gram's rounding."""
+    lifted, eigenvalues, _, _ = lifted_linear_trajectories(rng, 2000, steps=60)
+    offset = rng.standard_normal(2000)
+    trajectories = [offset + 0.1 * t for t in lifted]
+    reference = PCAHankelDMD(6, 2, center=False, method="qr").fit(trajectories)
+    for method in ("auto", "gram"):
+        spectrum = PCAHankelDMD(6, 2, center=False, method=method).fit(trajectories)
+        assert spectrum.rank == reference.rank == 7
+        assert_same_eigenvalues(spectrum.eigenvalues, [*eigenvalues, 1.0], atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("data", "options"),
+    [
+        (np.zeros((20, 100)), {"method": "qr"}),  # no CholeskyQR shift: straight to TSQR
+        (np.ones((20, 100)), {"method": "qr", "center": True}),  # centered: only rounding
+        (np.ones((20, 100)), {"center": True}),
+    ],
+)
+def test_data_of_rounding_noise_only_is_refused(data, options):
+    with pytest.raises(EstimationError, match=r"at least one singular value above rounding"):
+        DMD(**options).fit(data)
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e200])
+def test_data_beyond_the_grams_float64_range_is_refused(rng, scale):
+    data = decaying_modes(rng, [0.9, 0.5, -0.3, 0.99], [1, 1, 1, 1], 500, steps=30)
+    with pytest.raises(EstimationError, match=r"rescale the data"):
+        DMD(rank=4).fit(data * scale)
+    spectrum = DMD(rank=4).fit(data * scale**0.5)  # 1e-80 and 1e100 are fine
+    assert_same_eigenvalues(spectrum.eigenvalues, [0.9, 0.5, -0.3, 0.99], atol=1e-10)
+
+
+@pytest.mark.parametrize("device", ["nope", 3.5])
+def test_an_invalid_device_is_refused(device):
+    with pytest.raises(EstimationError, match=r"Expected device to be a torch device"):
+        DMD(device=device)

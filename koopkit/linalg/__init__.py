@@ -10,11 +10,18 @@ from .factor import (
     center_factor,
     cholesky_qr,
     gram_accuracy_lost,
+    gram_noise,
     tsqr,
 )
 from .gram import center_gram, gram_factor, streamed_gram, streamed_product
 from .hankel import delay_window_starts, embedded_lengths, hankel_factor, hankel_gram
-from .rank import RANK_RULES, check_rank_rule, optimal_hard_threshold, select_rank
+from .rank import (
+    RANK_RULES,
+    check_rank_rule,
+    optimal_hard_threshold,
+    rounding_noise,
+    select_rank,
+)
 
 __all__ = [
     "BAND_BLOCKS",
@@ -30,9 +37,11 @@ __all__ = [
     "embedded_lengths",
     "gram_accuracy_lost",
     "gram_factor",
+    "gram_noise",
     "hankel_factor",
     "hankel_gram",
     "optimal_hard_threshold",
+    "rounding_noise",
     "select_rank",
     "streamed_gram",
     "streamed_product",

@@ -1,10 +1,11 @@
 """A stable small factor ``R`` of the snapshots, ``Z^T = Q R``, for when the Gram is not enough.
 
-``G = Z Z^T`` squares the condition number: singular values below about ``sqrt(eps)`` times
-the largest are rounding noise in ``G``. Delay-embedded optimizer iterates reach 1e-8, so
-when a kept Gram eigenvalue falls that low (:func:`gram_accuracy_lost`) the estimators switch
-to ``R``, whose singular values and exact DMD equal those of ``Z`` to ``eps`` relative to the
-largest, like a direct SVD. ``Q`` is never formed, only block by block.
+``G = Z Z^T`` squares the condition number: an error of ``eps ||G||`` in ``G`` moves a DMD
+eigenvalue resting on a singular value ``s`` by about ``eps ||G|| / s^2``. Delay-embedded
+optimizer iterates reach 1e-8 of the largest, so when a kept singular value is too small for
+eigenvalues to 1e-8 (:func:`gram_accuracy_lost`) the estimators switch to ``R``, whose
+singular values and exact DMD equal those of ``Z`` to ``eps`` relative to the largest, like a
+direct SVD. ``Q`` is never formed, only block by block.
 """
 
 from __future__ import annotations
@@ -16,23 +17,33 @@ from .gram import streamed_gram
 
 __all__ = [
     "GRAM_RELATIVE_ACCURACY",
+    "gram_noise",
     "gram_accuracy_lost",
     "cholesky_qr",
     "tsqr",
     "center_factor",
 ]
 
-GRAM_RELATIVE_ACCURACY = 1e3 * np.finfo(np.float64).eps
-"""Gram eigenvalues below this times the Gram's scale carry too few correct digits."""
+EIGENVALUE_ACCURACY = 1e-8
+"""How far a DMD eigenvalue from the Gram may be from a direct SVD's."""
+
+GRAM_RELATIVE_ACCURACY = np.finfo(np.float64).eps / EIGENVALUE_ACCURACY
+"""Gram eigenvalues below this times the Gram's scale give eigenvalues off by more than
+:data:`EIGENVALUE_ACCURACY`: singular values below about 1.5e-4 of the largest."""
+
+
+def gram_noise(gram_scale: float) -> float:
+    """The singular value below which a Gram of scale ``gram_scale`` is not trusted.
+
+    ``gram_scale`` bounds the largest eigenvalue of the Gram the values come from (its
+    Frobenius norm, uncentered: centering ``P G P`` cancels digits of the uncentered ``G``).
+    """
+    return float(np.sqrt(GRAM_RELATIVE_ACCURACY * gram_scale))
 
 
 def gram_accuracy_lost(singular_values: np.ndarray, gram_scale: float) -> bool:
-    """True when the smallest kept singular value squared is Gram rounding noise.
-
-    ``gram_scale`` bounds the largest eigenvalue of the Gram the values came from (its
-    Frobenius norm, uncentered: centering ``P G P`` cancels digits of the uncentered ``G``).
-    """
-    return bool(singular_values[-1] ** 2 < GRAM_RELATIVE_ACCURACY * gram_scale)
+    """True when the smallest kept singular value is below what the Gram resolves."""
+    return bool(singular_values[-1] < gram_noise(gram_scale))
 
 
 def cholesky_qr(
@@ -58,8 +69,8 @@ def cholesky_qr(
     """
     steps, features = gram.shape[0], trajectories.features
     shift = 11 * (features * steps + steps * (steps + 1)) * np.finfo(np.float64).eps
-    factor = _upper_cholesky(gram + shift * np.trace(gram) * np.eye(steps))
-    try:
+    try:  # all-zero data leave no shift: the first step fails too
+        factor = _upper_cholesky(gram + shift * np.trace(gram) * np.eye(steps))
         for _ in range(2):
             gram_q = streamed_gram(
                 trajectories, triangular=factor, device=device, block_bytes=block_bytes

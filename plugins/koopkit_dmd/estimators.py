@@ -8,7 +8,12 @@ Each reduces the trajectories to T x T objects (see :mod:`koopkit_dmd.exact`), c
 - ``"qr"``: a streamed shifted-CholeskyQR3 factor (two more passes; TSQR when the snapshots
   are linearly dependent), as accurate as a direct SVD;
 - ``"auto"``: ``"svd"`` for few features, else ``"gram"``, switching to ``"qr"`` when a kept
-  singular value is below what the Gram resolves (about ``10^-6.5`` of the largest).
+  singular value is too small for the Gram to give its eigenvalues to 1e-8 (about 1.5e-4 of
+  the largest; :func:`koopkit.linalg.gram_accuracy_lost`).
+
+No rank rule keeps a singular value at or below the data's rounding noise (``10 u ||Z||_F``
+for precision ``u``; :func:`koopkit.linalg.select_rank`), and ``"gram"`` none below what the
+Gram resolves; an int rank that would is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 from koopkit.errors import EstimationError, InsufficientDataError
 from koopkit.linalg import (
     DEFAULT_BLOCK_BYTES,
+    GRAM_RELATIVE_ACCURACY,
     Trajectories,
     center_factor,
     center_gram,
@@ -31,8 +37,10 @@ from koopkit.linalg import (
     embedded_lengths,
     gram_accuracy_lost,
     gram_factor,
+    gram_noise,
     hankel_factor,
     hankel_gram,
+    rounding_noise,
     streamed_gram,
     streamed_product,
     tsqr,
@@ -63,6 +71,8 @@ class _Estimator:
                     f"Expected {option} to be True or False. Got {value!r} instead."
                 )
         _check_int("block_bytes", block_bytes, minimum=1)
+        if device is not None:
+            _check_device(device)
         if method not in self.METHODS:
             choices = ", ".join(repr(m) for m in self.METHODS)
             raise EstimationError(
@@ -104,9 +114,44 @@ class _Estimator:
 
     def _gram_getter(self, trajectories: Trajectories):
         """The Gram, streamed on first use only: ``"svd"`` never needs it, ``"qr"`` reuses it."""
-        return functools.cache(
-            lambda: streamed_gram(trajectories, device=self.device, block_bytes=self.block_bytes)
-        )
+
+        @functools.cache
+        def get_gram():
+            gram = streamed_gram(trajectories, device=self.device, block_bytes=self.block_bytes)
+            _check_gram_range(gram)
+            return gram
+
+        return get_gram
+
+    def _estimate(self, method: str, estimate, get_gram):
+        """``(method, estimate(method))``; ``"auto"`` moves from the Gram to ``"qr"`` when the
+        Gram does not resolve the smallest kept singular value, or too few of them.
+
+        ``estimate(method)`` returns ``(ExactDMD, extra)``, or ``(None, None)`` when the Gram
+        already failed before the DMD (the PCA's last component).
+        """
+        if method != "gram" or self.method != "auto":
+            return method, estimate(method)
+        try:
+            result = estimate(method)
+            dmd = result[0]
+            if dmd is not None and not gram_accuracy_lost(
+                dmd.singular_values, self._gram_scale(get_gram())
+            ):
+                return method, result
+        except EstimationError:  # an int rank beyond what the Gram resolves, or none at all
+            pass
+        return "qr", estimate("qr")
+
+    def _rounding_noise(self, trajectories: Trajectories, norm: float) -> float:
+        """Rounding noise of the (delay-embedded) snapshots of uncentered Frobenius norm
+        ``norm``: centering removes the scale, not the rounding of the stored values."""
+        embedded = np.sqrt(self.delays + 1) * norm  # a snapshot is in up to delays + 1 windows
+        return rounding_noise(trajectories.rounding_unit, embedded)
+
+    def _gram_scale(self, gram: np.ndarray) -> float:
+        """Bound on the largest eigenvalue of the (delay-embedded) Gram."""
+        return (self.delays + 1) * _frobenius(gram)
 
     def _meta(self, trajectories: Trajectories, method: str, dmd: ExactDMD) -> dict:
         params = self.get_params()
@@ -155,8 +200,8 @@ class DMD(_Estimator):
     ----------
     rank : int, float in (0, 1), "gd" or None
         Singular values of ``X`` kept: that many, that fraction of the energy, the
-        Gavish-Donoho optimal hard threshold, or all above rounding noise
-        (``max(features, pairs) * eps * s_max``).
+        Gavish-Donoho optimal hard threshold, or all above the data's rounding noise
+        (``10 u ||Z||_F`` for data of precision ``u``, 1.2e-7 for float32).
     center : bool
         Subtract each feature's mean over all snapshots first (done on the small factor or
         Gram: no second pass).
@@ -225,13 +270,11 @@ class DMD(_Estimator):
         lengths = embedded_lengths(trajectories.lengths, delays)
         get_gram = self._gram_getter(trajectories)
 
-        method = self._first_method(features, int(sum(lengths)))
-        dmd = self._exact_dmd(trajectories, method, get_gram, lengths, features)
-        if self.method == "auto" and method == "gram":
-            gram_scale = (delays + 1) * np.linalg.norm(get_gram())
-            if gram_accuracy_lost(dmd.singular_values, gram_scale):
-                method = "qr"
-                dmd = self._exact_dmd(trajectories, method, get_gram, lengths, features)
+        method, (dmd, _) = self._estimate(
+            self._first_method(features, int(sum(lengths))),
+            lambda m: (self._exact_dmd(trajectories, m, get_gram, lengths, features), None),
+            get_gram,
+        )
 
         return Spectrum(
             eigenvalues=dmd.eigenvalues,
@@ -244,24 +287,32 @@ class DMD(_Estimator):
     def _exact_dmd(self, trajectories, method, get_gram, lengths, features) -> ExactDMD:
         """Exact DMD of the (centered, delay-embedded) snapshots, from their Gram or a factor."""
         delays = self.delays
-        options = {
-            "rounding_unit": trajectories.rounding_unit,
-            "residuals": self.residuals,
-            "amplitudes": self.amplitudes,
-        }
+        options = {"residuals": self.residuals, "amplitudes": self.amplitudes}
         if method == "gram":
             gram = get_gram()
+            noise = self._rounding_noise(trajectories, np.sqrt(np.trace(gram)))
+            if self.method == "gram":
+                noise = max(noise, gram_noise(self._gram_scale(gram)))
             if self.center:
                 gram = center_gram(gram)
             if delays:
                 gram = hankel_gram(gram, trajectories.lengths, delays)
-            return exact_dmd_from_gram(gram, lengths, self.rank, features, **options)
+            try:
+                return exact_dmd_from_gram(
+                    gram, lengths, self.rank, features, noise=noise, **options
+                )
+            except EstimationError as exc:
+                raise type(exc)(
+                    f"{exc} With method='gram' that noise is the Gram's; method='qr' "
+                    "resolves singular values to the data's precision."
+                ) from None
         factor = self._raw_factor(trajectories, method, get_gram)
+        noise = self._rounding_noise(trajectories, _frobenius(factor))
         if self.center:
             factor = center_factor(factor)
         if delays:
             factor = hankel_factor(factor, trajectories.lengths, delays)
-        return exact_dmd(factor, lengths, self.rank, features, **options)
+        return exact_dmd(factor, lengths, self.rank, features, noise=noise, **options)
 
     def _lazy_modes(self, trajectories: Trajectories, dmd: ExactDMD):
         """A callable computing the exact modes ``Y V S^{-1} W`` in one pass, once."""
@@ -401,22 +452,12 @@ class PCAHankelDMD(_Estimator):
         self._check_sizes(trajectories, self.delays, features)
         get_gram = self._gram_getter(trajectories)
 
-        method = self._first_method(trajectories.features, trajectories.steps)
-        scores = self._scores(trajectories, method, get_gram)
-        if scores is None:  # the Gram cannot resolve the last component
-            method = "qr"
-            scores = self._scores(trajectories, method, get_gram)
-        lengths = embedded_lengths(trajectories.lengths, self.delays)
-        embedded = hankel_factor(scores, trajectories.lengths, self.delays)
-        dmd = exact_dmd(
-            embedded,
-            lengths,
-            self.rank,
-            features,
-            rounding_unit=trajectories.rounding_unit,
-            residuals=self.residuals,
-            amplitudes=self.amplitudes,
+        method, (dmd, embedded) = self._estimate(
+            self._first_method(trajectories.features, trajectories.steps),
+            lambda m: self._embedded_dmd(trajectories, m, get_gram),
+            get_gram,
         )
+        lengths = embedded_lengths(trajectories.lengths, self.delays)
         modes = None
         if self.modes:
             y = snapshot_pairs(lengths)[1]
@@ -429,22 +470,81 @@ class PCAHankelDMD(_Estimator):
             meta=self._meta(trajectories, method, dmd),
         )
 
-    def _scores(self, trajectories, method, get_gram) -> np.ndarray | None:
-        """Scores ``(k, T)`` of every snapshot; None when ``"auto"`` should move to ``"qr"``."""
+    def _embedded_dmd(self, trajectories, method, get_gram):
+        """Exact DMD of the delay-embedded scores, and those scores ``(k (D + 1), T')``.
+
+        ``(None, None)`` when ``"auto"`` should move to ``"qr"``: the Gram does not resolve
+        the last component.
+        """
         if method == "gram":
             factor = gram_factor(get_gram())
         else:
             factor = self._raw_factor(trajectories, method, get_gram)
+        noise = self._rounding_noise(trajectories, _frobenius(factor))
         directions, singular_values, right = np.linalg.svd(
             center_factor(factor), full_matrices=False
         )
         k = self.components
-        if self.method == "auto" and method == "gram":
-            if gram_accuracy_lost(singular_values[:k], np.linalg.norm(get_gram())):
-                return None
+        if method == "gram":
+            if self.method == "auto":
+                if gram_accuracy_lost(singular_values[:k], _frobenius(get_gram())):
+                    return None, None
+            else:
+                noise = max(noise, gram_noise(self._gram_scale(get_gram())))
         if self.center:
-            return singular_values[:k, None] * right[:k]
-        return directions[:, :k].T @ factor
+            scores = singular_values[:k, None] * right[:k]
+        else:
+            scores = directions[:, :k].T @ factor
+        embedded = hankel_factor(scores, trajectories.lengths, self.delays)
+        dmd = exact_dmd(
+            embedded,
+            embedded_lengths(trajectories.lengths, self.delays),
+            self.rank,
+            self.components * (self.delays + 1),
+            noise=noise,
+            residuals=self.residuals,
+            amplitudes=self.amplitudes,
+        )
+        return dmd, embedded
+
+
+_SMALLEST_GRAM = np.finfo(np.float64).tiny / (np.finfo(np.float64).eps * GRAM_RELATIVE_ACCURACY)
+_LARGEST_GRAM = 1e300  # room for the sums of delay blocks and the CholeskyQR shift
+
+
+def _check_gram_range(gram: np.ndarray) -> None:
+    """Refuse data whose Gram leaves float64's normal range, where it silently loses digits.
+
+    Every resolved Gram eigenvalue must be a normal number: the trace must be at least
+    ``tiny / (eps * GRAM_RELATIVE_ACCURACY)``. All-zero data pass here and fail the rank
+    rules with their own message.
+    """
+    trace = float(np.trace(gram))
+    if trace != 0 and not _SMALLEST_GRAM <= trace <= _LARGEST_GRAM:
+        raise EstimationError(
+            f"Expected snapshots whose summed squares lie between {_SMALLEST_GRAM:.0e} and "
+            f"{_LARGEST_GRAM:.0e}, the range of float64 the Gram needs. Got {trace:.3g} instead; "
+            "rescale the data."
+        )
+
+
+def _frobenius(matrix: np.ndarray) -> float:
+    """``||matrix||_F`` without overflowing the squares of entries above 1e154."""
+    top = float(np.abs(matrix).max(initial=0.0))
+    return top * float(np.linalg.norm(matrix / top)) if top else 0.0
+
+
+def _check_device(device) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError, ValueError):
+        raise EstimationError(
+            f"Expected device to be a torch device such as 'cuda' or 'cpu'. Got {device!r} instead."
+        ) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EstimationError(f"Expected a CUDA device for device={device!r}. Torch finds none.")
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:

@@ -83,7 +83,7 @@ def exact_dmd(
     rank,
     features: int,
     *,
-    rounding_unit: float = float(np.finfo(np.float64).eps),
+    noise: float | None = None,
     residuals: bool = True,
     amplitudes: bool = False,
 ) -> ExactDMD:
@@ -101,8 +101,9 @@ def exact_dmd(
     features : int
         Features of one snapshot in the data (not in the factor); sets the noise levels of
         the rank rules.
-    rounding_unit : float
-        Relative precision of the data, for ``rank=None`` (see ``select_rank``).
+    noise : float, optional
+        Singular values at or below this are rounding noise, kept by no rank rule (see
+        :func:`koopkit.linalg.select_rank`).
     residuals, amplitudes : bool
         Also compute the ResDMD residual and the amplitude of each eigenpair.
 
@@ -137,7 +138,7 @@ def exact_dmd(
     """
     x, y = snapshot_pairs(lengths)
     u, s, vt = np.linalg.svd(factor[:, x], full_matrices=False)
-    r = _kept_rank(s, rank, (features, x.size), rounding_unit)
+    r = _kept_rank(s, rank, (features, x.size), noise)
     u, s, v = u[:, :r], s[:r], vt[:r].T
     dmd = _reduced_dmd(v, s, u.T @ factor[:, y], residuals)
     if amplitudes:
@@ -153,7 +154,7 @@ def exact_dmd_from_gram(
     rank,
     features: int,
     *,
-    rounding_unit: float = float(np.finfo(np.float64).eps),
+    noise: float | None = None,
     residuals: bool = True,
     amplitudes: bool = False,
 ) -> ExactDMD:
@@ -162,13 +163,13 @@ def exact_dmd_from_gram(
     ``X^T X = V S^2 V^T`` by an eigendecomposition; ``U^T Y = S^{-1} V^T X^T Y``; the
     amplitudes solve the normal equations ``(Phi^* Phi) b = Phi^* z_0`` with
     ``Phi^* Phi = C^* Y^T Y C`` for the modes ``Phi = Y C``. Singular values below about
-    ``sqrt(eps)`` of the largest are rounding noise here (see
-    :func:`koopkit.linalg.gram_accuracy_lost`).
+    ``sqrt(eps)`` of the largest are rounding noise here: pass a ``noise`` that says so (see
+    :func:`koopkit.linalg.gram_noise`).
     """
     x, y = snapshot_pairs(lengths)
     eigenvalues, eigenvectors = np.linalg.eigh(gram[np.ix_(x, x)])
     s = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
-    r = _kept_rank(s, rank, (features, x.size), rounding_unit)
+    r = _kept_rank(s, rank, (features, x.size), noise)
     s, v = s[:r], eigenvectors[:, ::-1][:, :r]
     with np.errstate(divide="ignore", invalid="ignore"):
         projected_y = (v / s).T @ gram[np.ix_(x, y)]
@@ -182,11 +183,12 @@ def exact_dmd_from_gram(
     return dmd
 
 
-def _kept_rank(singular_values, rank, shape, rounding_unit) -> int:
-    r = select_rank(singular_values, rank, shape, rounding_unit=rounding_unit)
+def _kept_rank(singular_values, rank, shape, noise) -> int:
+    r = select_rank(singular_values, rank, shape, noise=noise)
     if r == 0:
         raise EstimationError(
-            "Expected snapshots with at least one nonzero singular value. Got none instead."
+            "Expected snapshots with at least one singular value above rounding noise. "
+            "Got none instead."
         )
     return r
 
