@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it, imported on first access
 _LAZY = {
     "Recorder": "koopkit.record.recorder",
+    "Probe": "koopkit.record.recorder",
     "open_store": "koopkit.store.reader",
     "open_run": "koopkit.store.reader",
     "Spectrum": "koopkit.results",

@@ -25,7 +25,7 @@ from .errors import (
 )
 from .multiple_testing import holm_matrix
 from .plugins import create, lookup
-from .results import Spectrum, TestResult
+from .results import Spectrum, TestResult, json_safe
 
 __all__ = [
     "Group",
@@ -84,18 +84,17 @@ def group_runs(store, where=None, by=(), replicate=None, series="params") -> lis
     keys = tuple(by) + ((replicate,) if replicate else ())
     if not keys:
         return [Group((i.run_id,), i.tags) for i in infos]
-    missing = [i.run_id for i in infos if any(k not in i.tags for k in keys)]
-    if missing:
-        raise SelectionError(
-            f"Runs {missing[:5]} have no tag {', '.join(repr(k) for k in keys)}; "
-            "tag every run or narrow the selection with --where."
-        )
+    _check_tagged(infos, keys)
+    _check_spellings(infos, keys)
     buckets: dict[tuple, list] = {}
     for info in infos:
-        buckets.setdefault(tuple(info.tags[k] for k in keys), []).append(info)
+        # True == 1 in Python; as tags they are different values
+        key = tuple((isinstance(info.tags[k], bool), info.tags[k]) for k in keys)
+        buckets.setdefault(key, []).append(info)
     groups = []
-    for key in sorted(buckets, key=lambda k: tuple(map(_sort_key, k))):
-        members = buckets[key]
+    for tagged in sorted(buckets, key=lambda k: tuple(_sort_key(v) for _, v in k)):
+        members = buckets[tagged]
+        key = tuple(v for _, v in tagged)
         condition = key[0] if len(by) == 1 else (" ".join(map(str, key[: len(by)])) if by else None)
         groups.append(
             Group(
@@ -106,6 +105,44 @@ def group_runs(store, where=None, by=(), replicate=None, series="params") -> lis
             )
         )
     return groups
+
+
+def _shown(items, limit: int = 5) -> str:
+    """``'a', 'b', 'c' (and 4 more)``: the first ``limit`` items quoted, then a count."""
+    items = list(items)
+    text = ", ".join(repr(x) for x in items[:limit])
+    return text + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _check_tagged(infos, keys) -> None:
+    """Every run carries every grouping tag; else name, per missing tag, the runs without it."""
+    reasons = []
+    for key in keys:
+        without = [i.run_id for i in infos if key not in i.tags]
+        if without:
+            runs = "run" if len(without) == 1 else "runs"
+            reasons.append(f"no tag {key!r} on {len(without)} {runs}: {_shown(without)}")
+    if reasons:
+        text = "; ".join(reasons)
+        raise SelectionError(
+            f"{text[0].upper()}{text[1:]}; tag every run or narrow the selection with --where."
+        )
+
+
+def _check_spellings(infos, keys) -> None:
+    """Refuse distinct values of one tag that print alike (``1`` and ``"1"``): their labels
+    would merge two conditions, or make one label stand for two."""
+    for key in keys:
+        seen: dict[str, object] = {}
+        for info in infos:
+            value = info.tags[key]
+            first = seen.setdefault(_label(value), value)
+            if type(first) is not type(value) or first != value:
+                raise SelectionError(
+                    f"Tag {key!r} has distinct values {first!r} ({type(first).__name__}) and "
+                    f"{value!r} ({type(value).__name__}) that print alike as {_label(value)!r}; "
+                    "retag the runs so each value is spelled one way."
+                )
 
 
 def _sort_key(value):
@@ -209,8 +246,14 @@ class Comparison:
     """Distances between conditions and the significance of their differences.
 
     ``distance_mean[i, j]`` is the mean distance over replicate pairs of conditions i and j
-    (the diagonal: over distinct replicate pairs within a condition), ``distance_std`` its
-    spread; ``p_value`` holds each pair's test, ``p_value_holm`` the Holm-corrected values.
+    (the diagonal: over distinct replicate pairs within a condition, NaN for a condition
+    with one spectrum), ``distance_std`` its spread; ``p_value`` holds each pair's test,
+    ``p_value_holm`` the Holm-corrected values.
+
+    ``calibrated`` is False for a test whose value is not a calibrated p-value (a score such
+    as the bootstrap or eigen-swap fraction): ``p_value`` then holds that score and
+    ``p_value_holm`` stays NaN, since Holm's correction assumes p-values. ``null_label``
+    says what the test's ``null`` draws are, for figures.
     """
 
     conditions: list[str]
@@ -224,6 +267,8 @@ class Comparison:
     tests: dict = field(default_factory=dict)
     n_perm: int | None = None
     note: str | None = None
+    calibrated: bool = True
+    null_label: str | None = None
 
     def pairs(self) -> list[dict]:
         """One entry per pair of conditions: distance (mean, std), p-value and Holm p-value."""
@@ -239,27 +284,31 @@ class Comparison:
         ]
 
     def to_json(self) -> dict:
-        matrix = lambda m: [[None if np.isnan(x) else float(x) for x in row] for row in m]  # noqa: E731
-        return {
-            "conditions": self.conditions,
-            "distance": {"mean": matrix(self.distance_mean), "std": matrix(self.distance_std)},
-            "test": {
-                "name": self.test_name,
-                "p_value": matrix(self.p_value),
-                "p_value_holm": matrix(self.p_value_holm),
-                "n_perm": self.n_perm,
-                "note": self.note,
-            },
-            "spectra": [
-                {
-                    "condition": r.group.condition,
-                    "replicate": r.group.replicate,
-                    "runs": list(r.group.runs),
-                    **r.spectrum.to_json(),
-                }
-                for r in self.spectra
-            ],
-        }
+        """The public JSON shape; NaN and Inf become None, and ``spectra[].condition`` is the
+        condition's label, as in ``conditions``."""
+        return json_safe(
+            {
+                "conditions": self.conditions,
+                "distance": {"mean": self.distance_mean, "std": self.distance_std},
+                "test": {
+                    "name": self.test_name,
+                    "p_value": self.p_value,
+                    "p_value_holm": self.p_value_holm,
+                    "n_perm": self.n_perm,
+                    "note": self.note,
+                    "calibrated": self.calibrated if self.test_name else None,
+                },
+                "spectra": [
+                    {
+                        "condition": _label(r.group.condition),
+                        "replicate": r.group.replicate,
+                        "runs": list(r.group.runs),
+                        **r.spectrum.to_json(),
+                    }
+                    for r in self.spectra
+                ],
+            }
+        )
 
 
 def distance_matrix(spectra: list[Spectrum], metric: Callable) -> np.ndarray:
@@ -279,8 +328,7 @@ def _summaries(d, labels, conditions):
         ia, ib = index[conditions[a]], index[conditions[b]]
         if a == b:
             values = d[np.ix_(ia, ia)][np.triu_indices(len(ia), 1)]
-            if values.size == 0:
-                mean[a, a], std[a, a] = 0.0, 0.0
+            if values.size == 0:  # one spectrum: no pair to measure, so no within distance
                 continue
         else:
             values = d[np.ix_(ia, ib)].ravel()
@@ -334,20 +382,40 @@ def compare_spectra(
     replicated=True,
 ) -> Comparison:
     """Distances among all spectra once, then the test for each pair of conditions."""
+    metric_fn = create("metric", metric, **(metric_params or {}))
+    test_obj = create("test", test, **(test_params or {})) if test else None
+    return _compare(spectra, metric_fn, test, test_obj, replicated)
+
+
+def _condition_labels(spectra: list[SpectrumResult]) -> np.ndarray:
+    """Each spectrum's condition label; distinct conditions that print alike are refused."""
+    seen: dict[str, object] = {}
+    for r in spectra:
+        first = seen.setdefault(_label(r.group.condition), r.group.condition)
+        if type(first) is not type(r.group.condition) or first != r.group.condition:
+            raise SelectionError(
+                f"Conditions {first!r} and {r.group.condition!r} print alike as "
+                f"{_label(first)!r}; give each condition a distinct value."
+            )
+    return np.array([_label(r.group.condition) for r in spectra], dtype=object)
+
+
+def _compare(spectra, metric_fn, test, test_obj, replicated) -> Comparison:
+    """:func:`compare_spectra` with the metric and the test already created."""
     _check_one_interval(spectra)
-    labels = np.array([_label(r.group.condition) for r in spectra], dtype=object)
+    labels = _condition_labels(spectra)
     conditions = list(dict.fromkeys(labels.tolist()))
     if len(conditions) < 2:
         raise InsufficientDataError(
             f"Expected at least 2 conditions to compare. Got {len(conditions)} ({', '.join(conditions)})."
         )
-    metric_fn = create("metric", metric, **(metric_params or {}))
     d = distance_matrix([r.spectrum for r in spectra], metric_fn)
     mean, std = _summaries(d, labels, conditions)
     nan = np.full_like(mean, np.nan)
-    if not test:
+    if test_obj is None:
         return Comparison(conditions, spectra, d, mean, std, None, nan, nan)
-    test_obj = create("test", test, **(test_params or {}))
+    calibrated = bool(getattr(test_obj, "calibrated", True))  # third-party tests: p-values
+    described = {"calibrated": calibrated, "null_label": getattr(test_obj, "null_label", None)}
     try:
         p, results = run_tests(
             d, labels, conditions, test_obj, metric_fn, [r.spectrum for r in spectra]
@@ -356,9 +424,12 @@ def compare_spectra(
         if replicated:
             raise
         note = f"test {test!r} not run: {exc} Use --replicate TAG to estimate one spectrum per replicate."
-        return Comparison(conditions, spectra, d, mean, std, test, nan, nan, note=note)
+        return Comparison(conditions, spectra, d, mean, std, test, nan, nan, note=note, **described)
     n_perm = max((r.n_perm for r in results.values()), default=None)
-    return Comparison(conditions, spectra, d, mean, std, test, p, holm_matrix(p), results, n_perm)
+    holm = holm_matrix(p) if calibrated else nan  # Holm's correction is for p-values only
+    return Comparison(
+        conditions, spectra, d, mean, std, test, p, holm, results, n_perm, **described
+    )
 
 
 def compare_store(
@@ -379,19 +450,20 @@ def compare_store(
     """Group the runs of a store by ``by`` (and ``replicate``), estimate, compare and test.
 
     ``store`` is a URL or an opened store. With ``save``, the result is written to the
-    store's ``analyses/`` with provenance.
+    store's ``analyses/`` with provenance (:func:`koopkit.store.analyses.save_comparison`).
+    Names and parameters of the estimator, metric and test are checked before any work.
     """
     from .store.reader import TrajectoryStore, open_store
 
     for kind, name in (("estimator", estimator), ("metric", metric), ("test", test)):
         if name:
             lookup(kind, name)  # unknown names fail before any work
+    metric_fn = create("metric", metric, **(metric_params or {}))
+    test_obj = create("test", test, **(test_params or {})) if test else None
     opened = store if isinstance(store, TrajectoryStore) else open_store(store)
     groups = group_runs(opened, where, by, replicate, series)
     spectra = estimate_groups(opened, groups, estimator, estimator_params, series, progress)
-    comparison = compare_spectra(
-        spectra, metric, metric_params, test, test_params, replicated=bool(replicate)
-    )
+    comparison = _compare(spectra, metric_fn, test, test_obj, bool(replicate))
     if save:
         from .store.analyses import save_comparison
 

@@ -56,9 +56,15 @@ def plot_spectra(
 
 
 def plot_comparison(comparison, path):
-    """Spectra per condition, the distance heatmap annotated with Holm p-values, and a null."""
+    """Spectra per condition, the distance heatmap annotated with Holm p-values, and a null.
+
+    A test whose value is not a calibrated p-value (``comparison.calibrated`` False) is
+    annotated as an uncalibrated p, without Holm's correction; the third panel names what
+    the test's draws are (``comparison.null_label``).
+    """
     plt = _pyplot()
     has_null = any(r.null.size for r in comparison.tests.values())
+    calibrated = getattr(comparison, "calibrated", True)
     fig, axes = plt.subplots(1, 3 if has_null else 2, figsize=(16 if has_null else 11, 5))
     ax = axes[0]
     _unit_circle(ax)
@@ -78,27 +84,41 @@ def plot_comparison(comparison, path):
     ax = axes[1]
     mean = comparison.distance_mean
     image = ax.imshow(mean, cmap="viridis")
-    fig.colorbar(image, ax=ax, label="mean Wasserstein distance")
+    fig.colorbar(image, ax=ax, label="mean distance")
     ticks = range(len(comparison.conditions))
     ax.set_xticks(ticks, comparison.conditions, rotation=45, ha="right")
     ax.set_yticks(ticks, comparison.conditions)
+    shown = comparison.p_value_holm if calibrated else comparison.p_value
+    p_name = "p" if calibrated else "p (uncal.)"
+    brightest = np.nanmax(mean) if np.isfinite(mean).any() else np.nan
     for i in ticks:
         for j in ticks:
-            text = f"{mean[i, j]:.3g}"
-            p = comparison.p_value_holm[i, j]
+            text = "n/a" if np.isnan(mean[i, j]) else f"{mean[i, j]:.3g}"
+            p = shown[i, j]
             if not np.isnan(p):
-                text += f"\np={p:.3g}"
-            light = mean[i, j] > 0.5 * np.nanmax(mean)  # dark text on the bright cells
+                text += f"\n{p_name}={p:.3g}"
+            # dark text on the bright cells, and on the empty (NaN) ones
+            light = np.isnan(mean[i, j]) or mean[i, j] > 0.5 * brightest
             ax.text(j, i, text, ha="center", va="center", color="k" if light else "w", fontsize=8)
-    ax.set_title("distances (Holm p-values)")
+    if comparison.test_name is None or np.isnan(shown).all():
+        ax.set_title("mean distances")
+    elif calibrated:
+        ax.set_title(f"mean distances\n{comparison.test_name}: Holm-corrected p-values")
+    else:
+        ax.set_title(f"mean distances\n{comparison.test_name}: uncalibrated p, not Holm-corrected")
 
     if has_null:
         ax = axes[2]
         (a, b), result = max(comparison.tests.items(), key=lambda kv: kv[1].statistic)
         ax.hist(result.null, bins=40, color="0.6")
         ax.axvline(result.statistic, color="C3", lw=2, label=f"observed ({result.statistic:.3g})")
-        ax.set_title(f"null, {a} vs {b} (p={result.p_value:.3g})")
-        ax.set_xlabel("between − within distance")
+        if calibrated:
+            ax.set_title(f"{comparison.test_name} null, {a} vs {b} (p={result.p_value:.3g})")
+        else:
+            ax.set_title(
+                f"{comparison.test_name} draws, {a} vs {b} (uncalibrated p={result.p_value:.3g})"
+            )
+        ax.set_xlabel(getattr(comparison, "null_label", None) or "statistic")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Spectrum", "TestResult"]
+__all__ = ["Spectrum", "TestResult", "json_safe"]
+
+
+def json_safe(value):
+    """``value`` with NaN and Inf floats replaced by None and numpy values made Python ones.
+
+    Strict JSON has no NaN or Infinity, so machine output maps them to ``null``; dicts,
+    lists, tuples and numpy arrays are converted recursively.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return json_safe(value.tolist())
+    return value
 
 
 def _readonly(array, dtype):
@@ -81,7 +99,7 @@ class Spectrum:
         )
 
     def to_json(self) -> dict:
-        """The public JSON shape: eigenvalues as ``[re, im]`` pairs."""
+        """The public JSON shape: eigenvalues as ``[re, im]`` pairs; NaN and Inf become None."""
         out = {
             "eigenvalues": [[float(z.real), float(z.imag)] for z in self.eigenvalues],
             "residuals": None if self.residuals is None else [float(r) for r in self.residuals],
@@ -89,7 +107,7 @@ class Spectrum:
         }
         if self.amplitudes is not None:
             out["amplitudes"] = [[float(z.real), float(z.imag)] for z in self.amplitudes]
-        return out
+        return json_safe(out)
 
     def to_dataset(self):
         """An ``xarray.Dataset`` with a ``mode`` dimension; ``meta`` goes to attrs as JSON."""

@@ -50,6 +50,28 @@ def memory_url(request):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits
+    make them many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_sigterm():
+    """The Recorder installs a SIGTERM handler while open; never let one leak between tests."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.fixture
 def tiny_model():
     """A seeded two-layer MLP factory: ``tiny_model(seed=0, dtype=None)``."""
     import torch

@@ -272,6 +272,19 @@ def test_validate_fails_with_reasons_on_a_corrupted_copy(cli_runner, copy, corru
     assert result.stdout == ""
 
 
+def test_info_never_shows_more_rows_than_are_written(cli_runner, copy):
+    _committed_too_large(copy)
+    summary = json.loads(cli_runner("info", copy, "--json").stdout)
+    run = next(r for r in summary["runs"] if r["run_id"] == RUN)
+    params = run["series"]["params"]
+    assert params["committed"] == 6 and params["shape"] == [6, 26]
+    assert run["committed_steps"]["params"] == 99  # the attribute as stored
+    assert run["problems"] == ["params: committed_steps is 99 but only 6 rows are written"]
+    text = cli_runner("info", copy).stdout
+    assert "invalid: params: committed_steps is 99 but only 6 rows are written" in text
+    assert "99 committed" not in text and "(6 x 26 float32)" in text
+
+
 def test_info_survives_a_schema_violating_store(cli_runner, copy):
     _schema_violation(copy)
     result = cli_runner("info", copy, "--json")

@@ -88,7 +88,7 @@ def test_demo_summary_gives_a_verdict_per_pair(optimizer_store):
     pairs = demo._pairs(comparison)
     verdicts = {tuple(p["pair"]): p["verdict"] for p in pairs}
     assert verdicts[("bisection", "ogd")] == "not conjugate"
-    assert verdicts[("ogd", "omd")] == "conjugate (not separated)"
+    assert verdicts[("ogd", "omd")] == "not separated"  # no evidence either way
     summary = {
         "store": "s",
         "optimizers": {
@@ -101,3 +101,79 @@ def test_demo_summary_gives_a_verdict_per_pair(optimizer_store):
     }
     text = demo.format_summary(summary)
     assert "ogd vs omd" in text and "-> not conjugate" in text and "W(ogd-omd)" in text
+
+
+def _separated(replicates: int, conditions: str = "abc"):
+    """A comparison of conditions whose spectra are far apart, ``replicates`` each."""
+    from koopkit.pipeline import Group, SpectrumResult, compare_spectra
+    from koopkit.results import Spectrum
+
+    rng = np.random.default_rng(replicates)
+    spectra = [
+        SpectrumResult(
+            Group((f"{c}{i}",), {}, condition=c, replicate=i),
+            Spectrum(0.2 + 0.3 * k + 0.01 * rng.normal(size=4)),
+        )
+        for k, c in enumerate(conditions)
+        for i in range(replicates)
+    ]
+    return compare_spectra(spectra, test="permutation", test_params={"n_perm": 10_000})
+
+
+def test_demo_says_when_its_replicates_cannot_separate_conditions():
+    from koopkit.experiments import demo
+
+    four = _separated(4)  # C(8, 4) = 70 arrangements: p >= 2/70, Holm over 3 pairs >= 0.0857
+    assert demo.smallest_p_holm(four) == pytest.approx(3 * 2 / 70)
+    assert all(p["p_value"] == pytest.approx(2 / 70) for p in four.pairs())  # fully separated
+    for pair in demo._pairs(four):
+        assert pair["verdict"] == (
+            "cannot be separated with 4 replicates (smallest possible Holm p 0.0857)"
+        )
+    five = _separated(5)  # 3 * 2/252 = 0.024 < 0.05: the test can separate them
+    assert demo.smallest_p_holm(five) == pytest.approx(3 * 2 / 252)
+    assert [p["verdict"] for p in demo._pairs(five)] == ["not conjugate"] * 3
+    assert demo.verdict(0.5, floor=3 * 2 / 252) == "not separated"
+    assert demo.verdict(float("nan")) == "untested"
+    two = _separated(5, "ab")
+    assert demo.smallest_p_holm(two) == pytest.approx(2 / 252)  # one pair: Holm is p
+    assert two.pairs()[0]["p_value_holm"] == pytest.approx(2 / 252)
+
+
+def test_demo_runs_enough_seeds_to_separate_widths(tmp_path, monkeypatch):
+    """With n seeds per width, the smallest Holm p over the 3 pairs is 3 * 2 / C(2n, n)."""
+    import math
+
+    from koopkit import plots
+    from koopkit.experiments import demo
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(store, seeds, **kwargs):
+        seen["seeds"] = seeds
+        raise Stop
+
+    monkeypatch.setattr(optimizers, "record", lambda *a, **k: 0)
+    monkeypatch.setattr(optimizers, "analyse", lambda *a, **k: (None, None))
+    monkeypatch.setattr(plots, "plot_comparison", lambda *a, **k: None)
+    monkeypatch.setattr(fcn, "record", record)
+    with pytest.raises(Stop):
+        demo.run_demo(tmp_path / "demo", progress=lambda message: None)
+    n = len(seen["seeds"])
+    assert 3 * 2 / math.comb(2 * n, n) < demo.ALPHA
+
+
+def test_recording_restores_torchs_thread_count(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    torch.set_num_threads(wanted)
+    try:
+        fcn.record(tmp_path / "runs.zarr", widths=(5,), seeds=(0,), inits=1, steps=2)
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

@@ -94,8 +94,14 @@ def test_import_npy_missing_or_garbage_file(tmp_path):
     with pytest.raises(ImportFailedError, match="No such file"):
         import_npy(tmp_path / "missing.npy", tmp_path / "s.zarr", "a")
     (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
-    with pytest.raises(ImportFailedError, match="junk.npy"):
+    with pytest.raises(ImportFailedError, match="junk.npy") as info:
         import_npy(tmp_path / "junk.npy", tmp_path / "s.zarr", "a")
+    # np.load would read it as a pickle and suggest allow_pickle: never say that
+    assert "not start with the .npy magic" in str(info.value)
+    assert "pickle" not in str(info.value)
+    (tmp_path / "text").write_text("step,loss\n0,1.0\n")
+    with pytest.raises(ImportFailedError, match=r"^Invalid \.npy file .*/text': it does not start"):
+        import_npy(tmp_path / "text", tmp_path / "s.zarr", "a")
 
 
 @pytest.mark.parametrize("run_id", ["..", "../outside", "/abs", "a/../../b", "a\x00b", "a b"])

@@ -117,6 +117,19 @@ def test_log_distance_by_hand():
     assert d == pytest.approx(np.hypot(0.1, 0.2) / 0.5)
 
 
+def test_log_distance_between_equal_spectra_ignores_the_sign_of_zero():
+    # conj() of a real negative eigenvalue flips its zero imaginary part to -0.0, which
+    # np.log puts on the other side of the branch cut (argument -pi instead of +pi)
+    a = np.array([-0.5 + 0j, 0.9 + 0j, -2.0 + 0j])
+    b = np.conj(a)
+    assert (a == b).all() and np.signbit(b.imag).any()
+    assert LogWasserstein()(Spectrum(a), Spectrum(b)) == 0.0
+    assert LogWasserstein(dt=3)(Spectrum(b), Spectrum(a)) == 0.0
+    # distinct eigenvalues on either side of the cut are still 2 pi / dt apart
+    near = LogWasserstein()(S(-0.5 + 1e-9j), S(-0.5 - 1e-9j))
+    assert near == pytest.approx(2 * np.pi, rel=1e-6)
+
+
 def test_log_distance_refuses_zero_eigenvalues_and_bad_dt():
     with pytest.raises(EstimationError, match="eigenvalue 0 at index 1 has no logarithm"):
         LogWasserstein()(S(1, 1), S(0.5, 0))

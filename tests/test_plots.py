@@ -30,3 +30,54 @@ def test_plot_spectra_legend_names_the_grouping_and_each_label_once(tmp_path, mo
     assert [t.get_text() for t in legend.get_texts()] == ["w=40", "w=5"]
     assert figures[0].axes[1].get_title() == "zoom"
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def _comparison(test, replicates=3):
+    """Two conditions of spectra around 0.5 and 0.9, compared with ``test``."""
+    from koopkit.pipeline import Group, SpectrumResult, compare_spectra
+    from koopkit.results import Spectrum
+
+    rng = np.random.default_rng(0)
+    spectra = [
+        SpectrumResult(
+            Group((f"{c}{i}",), {}, condition=c, replicate=i),
+            Spectrum(center + 0.02 * rng.normal(size=4)),
+        )
+        for c, center in (("a", 0.5), ("b", 0.9))
+        for i in range(replicates)
+    ]
+    return compare_spectra(spectra, test=test)
+
+
+def _texts(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+def test_plot_comparison_labels_an_uncalibrated_score_as_such(tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    plots.plot_comparison(_comparison("bootstrap"), tmp_path / "boot.png")
+    heatmap, draws = figures[0].axes[1], figures[0].axes[2]
+    assert "uncalibrated" in heatmap.get_title() and "Holm" in heatmap.get_title()
+    assert any("p (uncal.)=" in t for t in _texts(heatmap))
+    assert not any("\np=" in t for t in _texts(heatmap))
+    assert draws.get_title().startswith("bootstrap draws, a vs b (uncalibrated p=")
+    assert draws.get_xlabel() == "bootstrap draws of the mean between distance"
+
+    plots.plot_comparison(_comparison("permutation"), tmp_path / "perm.png")
+    heatmap, null = figures[1].axes[1], figures[1].axes[2]
+    assert heatmap.get_title() == "mean distances\npermutation: Holm-corrected p-values"
+    assert any("\np=0.1" in t for t in _texts(heatmap))  # 3 + 3: exact p = 2/20
+    assert null.get_title().startswith("permutation null, a vs b (p=0.1")
+    assert "between − within" in null.get_xlabel()
+
+
+def test_plot_comparison_shows_no_within_distance_for_a_single_spectrum(tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    comparison = _comparison(None, replicates=1)
+    assert np.isnan(np.diag(comparison.distance_mean)).all()
+    plots.plot_comparison(comparison, tmp_path / "single.png")
+    texts = _texts(figures[0].axes[1])
+    assert texts.count("n/a") == 2 and "0" not in texts
+    shown = [t for t in figures[0].axes[1].texts if t.get_text() == "n/a"]
+    assert all(t.get_color() == "k" for t in shown)  # readable on the empty cell
+    assert (tmp_path / "single.png").read_bytes().startswith(b"\x89PNG")

@@ -41,22 +41,7 @@ from koopkit.store.writer import RunWriter
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spin-waits
-    make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _restore_sigterm():
-    """The Recorder installs a SIGTERM handler while open; never let one leak between tests."""
-    before = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "restore_sigterm")
 
 
 def flat(tensors) -> np.ndarray:
@@ -336,7 +321,7 @@ def test_attach_hook_is_removed_at_close(memory_url, tiny_model):
 
 def test_chunk_depth_that_does_not_divide_the_step_count(memory_url, tiny_model):
     model = tiny_model()
-    budget = 2 * row_bytes(model) * 4  # chunk_steps = 4
+    budget = 2 * 2 * row_bytes(model) * 4  # params and grads share it: chunk_steps = 4
     with koopkit.Recorder(memory_url, "r", model, max_inflight_bytes=budget, grads=True) as rec:
         history = train(model, rec, 13)
     store = koopkit.open_store(memory_url)
@@ -1094,15 +1079,14 @@ def test_projection_worker_frees_its_input_when_a_copy_fails():
 
 
 def test_failed_open_closes_the_projection_worker(memory_url, tiny_model, monkeypatch):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, sketch=8, probes={"p": torch.zeros(2, 3)}):
+        pass
     closed = []
     monkeypatch.setattr(transfer.ProjectionWorker, "close", lambda self: closed.append(self))
-
-    def broken(model, inputs):
-        raise RuntimeError("probe failed")
-
-    probes = {"p": Probe(torch.zeros(2, 3), fn=broken)}
-    with pytest.raises(RuntimeError, match="probe failed"):
-        koopkit.Recorder(memory_url, "r", tiny_model(), sketch=8, probes=probes).open()
+    # the params series (and its worker) opens, then the probe's stored rows do not fit
+    with pytest.raises(ShapeChangedError, match="probes/p"):
+        koopkit.Recorder(memory_url, "r", model, sketch=8, probes={"p": torch.zeros(3, 3)}).open()
     assert len(closed) == 1
 
 

@@ -251,7 +251,8 @@ def test_bootstrap_interval_covers_a_clear_difference():
     low, high = result.interval
     assert low <= result.statistic <= high
     assert 0.3 < low and high < 0.5  # the centres are 0.4 apart
-    assert result.p_value == 0.0  # every resample puts the conditions apart
+    # every resample puts the conditions apart: (0 + 1) / (2000 + 1), never exactly 0
+    assert result.p_value == 1 / 2001
     assert result.null.size == result.n_perm == 2000
 
 
@@ -264,6 +265,60 @@ def test_bootstrap_is_seeded_and_level_widens_the_interval():
     assert first.interval == second.interval and first.p_value == second.p_value
     wide = BootstrapTest(seed=4, level=0.99).run_on_distances(raw + raw.T, labels).interval
     assert wide[0] <= first.interval[0] and first.interval[1] <= wide[1]
+
+
+def test_bootstrap_score_counts_the_draws_without_separation():
+    d = line_distances([0.0, 0.1, 1.0, 1.1])
+    labels = list("aabb")
+    result = BootstrapTest(n_boot=500, seed=1).run_on_distances(d, labels)
+    # no draw puts the conditions as close as pairs within one: (0 + 1) / (m + 1), where m
+    # counts the draws with a within pair (those resampling one run twice in both have none)
+    draws = 1 / result.p_value - 1
+    assert draws == pytest.approx(round(draws)) and 300 <= round(draws) <= 500
+    mixed = BootstrapTest(n_boot=500, seed=1).run_on_distances(
+        line_distances([0, 1, 0.5, 1.5]), labels
+    )
+    assert mixed.p_value == 1.0  # interleaved: every draw has between <= within
+
+
+def test_only_the_permutation_test_is_calibrated():
+    assert PermutationTest.calibrated is True
+    assert BootstrapTest.calibrated is False and EigenSwapControl.calibrated is False
+    for test in (PermutationTest, BootstrapTest, EigenSwapControl):
+        assert isinstance(test.null_label, str) and test.null_label
+
+
+@pytest.mark.parametrize("test", [PermutationTest, BootstrapTest, EigenSwapControl])
+def test_tests_refuse_a_negative_seed_when_created(test):
+    with pytest.raises(EstimationError, match=r"^Invalid seed -1; expected a non-negative integer"):
+        test(seed=-1)
+    with pytest.raises(EstimationError, match="Invalid seed True"):
+        test(seed=True)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-10, 1e-13, 1e-200, 1e6, 1e200])
+def test_permutation_p_value_does_not_depend_on_the_unit_of_the_distances(scale):
+    # 5 + 5 well separated spectra: the exact p is 2/252 whatever unit the distances are in
+    rng = np.random.default_rng(13)
+    d = line_distances(np.r_[rng.random(5), 10 + rng.random(5)])
+    labels = list("aaaaabbbbb")
+    reference = PermutationTest().run_on_distances(d, labels)
+    assert reference.p_value == pytest.approx(2 / 252)
+    scaled = PermutationTest().run_on_distances(d * scale, labels)
+    assert scaled.p_value == reference.p_value
+    sampled = PermutationTest(n_perm=99).run_on_distances(d * scale, labels)
+    assert sampled.p_value == PermutationTest(n_perm=99).run_on_distances(d, labels).p_value
+
+
+@pytest.mark.parametrize("scale", [1e-13, 1e-20, 1e8])
+def test_eigen_swap_fraction_does_not_depend_on_the_unit_of_the_eigenvalues(scale):
+    # the committed OMD / OGD eigenvalues of the paper: interleaved, a fraction near 0.1
+    a = Spectrum([0.55814, 0.56513, 0.79254, 0.80117, 0.92458, 0.93197, 0.97988, 0.98379])
+    b = Spectrum([0.55551, 0.57102, 0.79991, 0.81756, 0.93482, 0.94882, 0.98665, 0.99368])
+    reference = EigenSwapControl(seed=2).run({"a": [a], "b": [b]}, W)
+    assert 0 < reference.p_value < 1
+    small = {"a": [Spectrum(a.eigenvalues * scale)], "b": [Spectrum(b.eigenvalues * scale)]}
+    assert EigenSwapControl(seed=2).run(small, W).p_value == reference.p_value
 
 
 # --- Holm ---------------------------------------------------------------------------------

@@ -259,6 +259,38 @@ def test_writer_flags_exactly_the_rows_holding_nan_or_inf(memory_url, dtype):
     assert koopkit.open_store(memory_url).run("r").attrs["nonfinite"] == {"params": [4, 6, 8]}
 
 
+def test_writer_lists_the_first_nonfinite_steps_and_counts_all(memory_url):
+    """The run metadata is rewritten at every commit: it must not grow with each NaN row.
+    Runs written before the count existed keep their full list and gain a count."""
+    from koopkit.store.writer import NONFINITE_LIMIT
+
+    table = [{"name": "w", "offset": 0, "shape": [3], "dtype": "float32"}]
+    spec = SeriesSpec("params", (3,), attrs={"kind": "full", "tensors": table}, row_dims=("param",))
+    rows = np.full((4, 3), np.nan, dtype="float32")
+    writer = RunWriter(memory_url, "r")
+    writer.add_series(spec)
+    for start in range(0, NONFINITE_LIMIT + 60, 4):  # a commit every call
+        writer.append("params", np.arange(start, start + 4), rows)
+    writer.close()
+    attrs = koopkit.open_store(memory_url).run("r").attrs
+    assert attrs["nonfinite"] == {"params": list(range(NONFINITE_LIMIT))}
+    assert attrs["nonfinite_count"] == {"params": NONFINITE_LIMIT + 60}
+
+    old = RunWriter(memory_url, "old")  # as an older writer left it: every step, no count
+    old.add_series(spec)
+    old.append("params", np.arange(4), np.ones((4, 3), dtype="float32"))
+    old.set(nonfinite={"params": list(range(200, 200 + 2 * NONFINITE_LIMIT))})
+    old.close()
+    resumed = RunWriter(memory_url, "old")
+    resumed.add_series(spec)
+    resumed.append("params", np.arange(4, 8), rows)
+    resumed.close()
+    attrs = koopkit.open_store(memory_url).run("old").attrs
+    assert attrs["nonfinite"]["params"] == list(range(200, 200 + 2 * NONFINITE_LIMIT))
+    assert attrs["nonfinite_count"] == {"params": 2 * NONFINITE_LIMIT + 4}
+    assert validate_store(memory_url)[0] == []
+
+
 def test_static_arrays_round_trip(memory_url):
     writer = RunWriter(memory_url, "r", {"tags": {"kind": "ntk"}})
     ntk = np.arange(9.0).reshape(3, 3)
@@ -470,3 +502,26 @@ def test_layout_names():
     for bad in ("..", "a/b", "", "x\x00", "sp ace"):
         with pytest.raises(StoreError):
             layout.check_name(bad)
+
+
+def test_a_store_another_process_just_created_is_opened(tmp_path, monkeypatch):
+    """zarr's check-then-create races with a second creator: the loser opens the winner's."""
+    import zarr
+    import zarr.errors
+
+    from koopkit.store import layout, location
+
+    url = tmp_path / "s.zarr"
+    real_open_group, calls = zarr.open_group, []
+
+    def racing_open_group(store, **kwargs):
+        calls.append(kwargs["mode"])
+        if len(calls) == 1:  # the other process creates the store between check and create
+            location.open_root(url, writable=True)
+            raise zarr.errors.ContainsGroupError("A group exists in store at path ''.")
+        return real_open_group(store, **kwargs)
+
+    monkeypatch.setattr(zarr, "open_group", racing_open_group)
+    group = location.open_root(url, writable=True)
+    assert group.attrs[layout.NAMESPACE]["format"] == layout.FORMAT_NAME
+    assert calls[0] == calls[-1] == "a" and len(calls) == 3

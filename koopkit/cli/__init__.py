@@ -37,7 +37,10 @@ class KoopkitGroup(click.Group):
 
     def get_command(self, ctx, name):
         self._add_plugin_commands()
-        return super().get_command(ctx, name)
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _accept_debug(command)
+        return command
 
     def list_commands(self, ctx):
         self._add_plugin_commands()
@@ -59,12 +62,39 @@ class KoopkitGroup(click.Group):
                 raise
             if isinstance(exc, KoopkitError):
                 message = str(exc)
+            elif isinstance(exc, OSError) and exc.strerror:
+                # a file the user named cannot be read or written: their problem, not a bug
+                where = exc.filename if exc.filename is not None else ""
+                message = f"{exc.strerror}: {where!r}" if where else exc.strerror
             else:
                 message = (
                     f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
                 )
             click.echo(f"Error: {message}", err=True)
             sys.exit(1)
+
+
+def _set_debug(ctx, param, value):
+    if value:
+        ctx.meta["koopkit.debug"] = True  # meta is shared by the whole context chain
+
+
+def _accept_debug(command) -> None:
+    """Let ``--debug`` also follow the subcommand (``koopkit info x --debug``)."""
+    if not any(p.name == "debug" for p in command.params):
+        command.params.append(
+            click.Option(
+                ["--debug"],
+                is_flag=True,
+                expose_value=False,
+                hidden=True,
+                callback=_set_debug,
+                help="Show full tracebacks instead of one-line errors.",
+            )
+        )
+    if isinstance(command, click.Group):
+        for child in command.commands.values():
+            _accept_debug(child)
 
 
 @click.group(

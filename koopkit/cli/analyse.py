@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import math
+import os
 
 import click
 
@@ -48,12 +50,36 @@ def estimator_options(f):
             "figure",
             type=click.Path(dir_okay=False),
             default=None,
+            callback=_check_figure_path,
             help="Write a figure (PNG/PDF/SVG).",
         ),
     ]
     for decorator in reversed(decorators):
         f = decorator(f)
     return f
+
+
+def _check_figure_path(ctx, param, path):
+    """Refuse, before any work, a figure path whose folder is missing or whose format
+    matplotlib cannot write."""
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"{path!r}: folder {folder!r} does not exist.", ctx, param)
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            raise click.BadParameter(
+                f"{path!r}: matplotlib cannot write .{suffix} files; use one of "
+                f"{', '.join('.' + f for f in sorted(formats))}.",
+                ctx,
+                param,
+            )
+    return path
 
 
 def estimator_params(rank, delays, params) -> dict:
@@ -138,9 +164,14 @@ def register(cli):
         help="Registered test name, or 'none'.",
     )
     @click.option(
-        "--n-perm", type=int, default=None, help="Permutations/shuffles/draws of the test."
+        "--n-perm",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Permutations/shuffles/draws of the test.",
     )
-    @click.option("--seed", type=int, default=None, help="Seed of the test's random draws.")
+    @click.option(
+        "--seed", type=click.IntRange(min=0), default=None, help="Seed of the test's random draws."
+    )
     @json_option
     def compare(
         store,
@@ -162,7 +193,8 @@ def register(cli):
     ):
         """Compare the dynamics of the conditions of STORE: distances and p-values."""
         from ..pipeline import compare_store
-        from ..store.reader import parse_where
+        from ..plugins import lookup
+        from ..store.reader import open_store, parse_where
 
         test = None if test == "none" else test
         test_params = {}
@@ -172,18 +204,24 @@ def register(cli):
             )
         if seed is not None:
             test_params["seed"] = seed
+        where = parse_where(where)
+        est_params = estimator_params(rank, delays, params)
+        for kind, name in (("estimator", estimator), ("metric", metric), ("test", test)):
+            if name:
+                lookup(kind, name)  # unknown names fail before the store is opened
+        opened = open_store(store)
         result = compare_store(
-            store,
+            opened,
             by,
             replicate=replicate,
-            where=parse_where(where),
+            where=where,
             estimator=estimator,
-            estimator_params=estimator_params(rank, delays, params),
+            estimator_params=est_params,
             metric=metric,
             test=test,
             test_params=test_params,
             series=series,
-            save=not no_save,
+            save=False,  # saved below, once the figure is written: a failure leaves no analysis
             progress=not json_,
         )
         if result.note:
@@ -192,6 +230,21 @@ def register(cli):
             from ..plots import plot_comparison
 
             plot_comparison(result, figure)
+        if not no_save:
+            from ..store.analyses import save_comparison
+
+            analysis = save_comparison(
+                opened.url,
+                result,
+                by=by,
+                replicate=replicate,
+                estimator=(estimator, est_params),
+                metric=(metric, None),
+                test=(test, test_params),
+                store=opened,
+                series=series,
+            )
+            click.echo(f"saved analyses/{analysis}", err=True)
         if json_:
             print_json(result.to_json())
             return
@@ -204,6 +257,10 @@ def _residuals(spectrum):
     return [f"  residual={r:.2e}" for r in spectrum.residuals]
 
 
+def _number(value, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
 def _print_comparison(result):
     names = result.conditions
     width = max(8, *(len(n) for n in names)) + 2
@@ -211,13 +268,27 @@ def _print_comparison(result):
     click.echo(" " * width + "".join(f"{n:>{width + 10}}" for n in names))
     for i, a in enumerate(names):
         row = "".join(
-            f"{result.distance_mean[i, j]:>{width}.4g} ({result.distance_std[i, j]:.2g})"
+            f"{_number(result.distance_mean[i, j], '.4g'):>{width}} "
+            f"({_number(result.distance_std[i, j], '.2g')})"
             for j in range(len(names))
         )
         click.echo(f"{a:<{width}}{row}")
     if result.test_name and not result.note:
-        click.echo(f"\n{result.test_name} test (n={result.n_perm}), p-values (Holm-corrected):")
-        for i, j in itertools.combinations(range(len(names)), 2):
+        pairs = list(itertools.combinations(range(len(names)), 2))
+        if result.calibrated:
+            click.echo(f"\n{result.test_name} test (n={result.n_perm}), p-values (Holm-corrected):")
+            for i, j in pairs:
+                click.echo(
+                    f"  {names[i]} vs {names[j]}: p={_number(result.p_value[i, j], '.4g')}  "
+                    f"(Holm {_number(result.p_value_holm[i, j], '.4g')})"
+                )
+        else:
             click.echo(
-                f"  {names[i]} vs {names[j]}: p={result.p_value[i, j]:.4g}  (Holm {result.p_value_holm[i, j]:.4g})"
+                f"\n{result.test_name} (n={result.n_perm}): uncalibrated p, a score that is not a "
+                "p-value (no size guarantee), so not Holm-corrected:"
             )
+            for i, j in pairs:
+                click.echo(
+                    f"  {names[i]} vs {names[j]}: "
+                    f"uncalibrated p={_number(result.p_value[i, j], '.4g')}"
+                )

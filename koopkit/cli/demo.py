@@ -22,7 +22,11 @@ def register(cli):
 
         try:
             summary = run_demo(out, quick=quick, progress=lambda m: click.echo(m, err=True))
-        except FileExistsError as exc:
-            raise KoopkitError(str(exc)) from exc
+        except OSError as exc:
+            if exc.filename is not None and exc.strerror:  # the system refused a path
+                raise KoopkitError(
+                    f"Cannot write {exc.filename!r} (--out): {exc.strerror}."
+                ) from exc
+            raise KoopkitError(str(exc)) from exc  # run_demo's own refusal, already worded
         click.echo(format_summary(summary), nl=False)
         click.echo(f"figures and summary in {out}/", err=True)

@@ -12,12 +12,21 @@ def describe(store) -> dict:
     runs = []
     for run_id, info in store.runs.items():
         series = {}
+        problems = list(info.problems)
         for path in info.series:
             value = store.nodes.array(f"runs/{run_id}/{path}/value")
+            step = store.nodes.array(f"runs/{run_id}/{path}/step")
+            rows = min(value.shape[0] if value.shape else 0, step.shape[0] if step.shape else 0)
+            committed = info.committed(path)
+            if committed > rows:  # a reader never goes past the rows written: neither does info
+                problems.append(
+                    f"{path}: committed_steps is {committed} but only {rows} rows are written"
+                )
+                committed = rows
             span = store.step_span(run_id, path)
             series[path] = {
-                "committed": info.committed(path),
-                "shape": [info.committed(path), *value.shape[1:]],
+                "committed": committed,
+                "shape": [committed, *value.shape[1:]],
                 "dtype": value.dtype,
                 "first_step": None if span is None else span[0],
                 "last_step": None if span is None else span[1],
@@ -32,7 +41,7 @@ def describe(store) -> dict:
                 "dropped": info.attrs.get("dropped", 0),
                 "nonfinite": info.attrs.get("nonfinite", {}),
                 "series": series,
-                "problems": info.problems,
+                "problems": problems,
             }
         )
     return {

@@ -92,11 +92,22 @@ def train(net, x, y, steps, seed, rec=None):
 def record(
     store, widths=WIDTHS, seeds=(0, 1, 2), inits=10, steps=1000, dataset="digits", progress=None
 ) -> int:
-    """Train every (width, seed, init) and record fc2.weight every step. Returns runs written."""
+    """Train every (width, seed, init) and record fc2.weight every step. Returns runs written.
+
+    Runs single-threaded (tiny networks) and restores torch's thread count afterwards.
+    """
+    x, y = load_data(dataset)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: threads cost more than they give
+    try:
+        return _record_all(store, x, y, widths, seeds, inits, steps, dataset, progress)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, whatever happened
+
+
+def _record_all(store, x, y, widths, seeds, inits, steps, dataset, progress) -> int:
     from ..record.recorder import Recorder
 
-    x, y = load_data(dataset)
-    torch.set_num_threads(1)  # tiny networks: threads cost more than they give
     count = 0
     for width in widths:
         for seed in seeds:

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import re
+import reprlib
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import __version__  # noqa: F401  (recorded through the writer)
-from ..errors import NonFiniteSnapshotWarning, ShapeChangedError, WriteFailedError
+from ..errors import (
+    InvalidRunIdError,
+    NonFiniteSnapshotWarning,
+    ShapeChangedError,
+    WriteFailedError,
+)
 from ..store import layout
 from ..store.writer import RunWriter, SeriesSpec
 from .schedule import make_schedule
-from .sketch import make_sketch
+from .sketch import METHODS, check_sketch, make_sketch
 from .transfer import ProjectionWorker, ScalarLog, VectorStream, WriterThread, flatten_into
 
 __all__ = ["Recorder", "Probe"]
@@ -24,6 +33,8 @@ __all__ = ["Recorder", "Probe"]
 MAX_CHUNK_STEPS = 64
 SCALAR_BATCH = 256
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
 
 
 @dataclass
@@ -38,6 +49,84 @@ class Probe:
     labels: object = None
     ids: object = None
     fn: object = None
+
+
+@dataclass
+class _ProbePlan:
+    """A probe checked before the run is created: its output shape and sample coordinates."""
+
+    path: str
+    fn: object
+    inputs: torch.Tensor
+    samples: int
+    features: int
+    coords: dict
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_name(name, what: str) -> str:
+    """A series name (scalar, probe) as a single path component, refused with a ValueError."""
+    try:
+        return layout.check_name(name, what)
+    except InvalidRunIdError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _as_probe(name, probe) -> Probe:
+    if isinstance(probe, Probe):
+        return probe
+    if isinstance(probe, tuple):
+        return Probe(*probe)
+    if isinstance(probe, torch.Tensor):
+        return Probe(probe)
+    raise ValueError(
+        f"Invalid probe {name!r}: got {type(probe).__name__}; expected a Probe(inputs, labels) "
+        "or a tensor of inputs."
+    )
+
+
+def _probe_coord(name, values, what: str, samples: int) -> np.ndarray:
+    """A probe's sample ids or labels: one number or string per sample, as a 1-D array."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    array = np.asarray(values)
+    if array.ndim != 1 or array.shape[0] != samples:
+        raise ValueError(
+            f"Invalid {what} of probe {name!r}: expected {samples} entries, one per sample; "
+            f"got shape {array.shape}."
+        )
+    if array.dtype.kind not in "biufU":
+        raise ValueError(
+            f"Invalid {what} of probe {name!r}: expected numbers or strings; "
+            f"got {array.dtype} values."
+        )
+    return array
+
+
+def _scalar_value(name, value):
+    """A scalar to log: a one-element real tensor (kept on its device) or a Python float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(
+                f"Invalid scalar {name!r}: a {value.dtype} tensor of shape {tuple(value.shape)}; "
+                "expected one real number (a 0-d or one-element tensor, e.g. loss.mean())."
+            )
+        return value
+    if (
+        isinstance(value, np.ndarray | np.generic)
+        and value.size == 1
+        and value.dtype.kind in "biuf"
+    ):
+        return float(value.item())
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ValueError(
+        f"Invalid scalar {name!r}={_short.repr(value)}; expected a real number or a "
+        "one-element tensor."
+    )
 
 
 def _default_probe_fn(model, inputs):
@@ -60,6 +149,9 @@ def _select(model, params):
         chosen = [(n, p) for n, p in named if pattern.search(n)]
     else:
         wanted = list(params)
+        repeated = sorted({n for n in wanted if wanted.count(n) > 1})
+        if repeated:
+            raise ValueError(f"Invalid params: {repeated!r} named more than once; name each once.")
         known = dict(named)
         missing = [n for n in wanted if n not in known]
         if missing:
@@ -104,6 +196,42 @@ def _optimizer_meta(optimizer):
     }
 
 
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+# Open Recorders share one SIGTERM handler: the first installs it, the last restores the old one.
+_SIGTERM_GUARD = threading.Lock()
+_sigterm = {"users": 0, "previous": None}
+
+
+def _hold_sigterm() -> bool:
+    """Count one open Recorder, installing the handler where SIGTERM has its default action.
+
+    False (nothing counted) outside the main thread, where Python cannot set handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    with _SIGTERM_GUARD:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            _sigterm["previous"] = signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm["users"] += 1
+    return True
+
+
+def _release_sigterm() -> None:
+    """Uncount one Recorder; the last one restores the handler ours replaced."""
+    with _SIGTERM_GUARD:
+        _sigterm["users"] = max(0, _sigterm["users"] - 1)
+        if _sigterm["users"] or _sigterm["previous"] is None:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return  # a later open and close in the main thread restores it
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:  # unless someone replaced ours
+            signal.signal(signal.SIGTERM, _sigterm["previous"])
+        _sigterm["previous"] = None
+
+
 def _chunk_steps(row_bytes: int, max_inflight_bytes: int) -> int:
     """Rows per chunk: as many as fit half the in-flight budget, a power of two up to 64."""
     rows = max(1, (max_inflight_bytes // 2) // max(1, row_bytes))
@@ -128,14 +256,18 @@ class Recorder:
     params : True, str or list of str
         All parameters, those whose name matches a regex, or the named ones; False for none.
     grads : bool
-        Also record gradients (call ``rec.step`` before ``zero_grad``, or use ``attach``).
+        Also record gradients (call ``rec.step`` before ``zero_grad``, or use ``attach``);
+        a parameter without a gradient is recorded as zeros, and a snapshot after the first
+        step where no parameter has one warns once.
     probes : dict of name -> Probe
-        Per-sample outputs on fixed probe batches, stored as (step, sample, feature).
+        Per-sample outputs on fixed probe batches, stored as (step, sample, feature). Needs
+        ``model``; ``ids`` and ``labels`` give one number or string per sample.
     sketch : int, optional
-        Record a seeded random projection of width ``sketch`` instead of the raw parameters.
+        Record a seeded random projection of width ``sketch`` (an int >= 1) instead of the
+        raw parameters; None records them as they are.
     sketch_method : {"countsketch", "gaussian"}
     seed : int
-        Seed of the sketch.
+        Seed of the sketch (an int >= 0).
     dtype : {"float32", "float16", "float64"}
         Storage dtype of vector series.
     initial : bool
@@ -144,13 +276,21 @@ class Recorder:
         When every buffer is in flight: wait for the writer, or drop snapshots (counted).
     on_error : {"raise", "warn"}
         A failed write raises at the next ``step`` (default), or warns once and stops recording.
+    flush_every_s : float or None
+        Longest time (seconds) a captured row waits on the host before it is written and
+        committed, even if its chunk row is not full; a sparse schedule would otherwise keep
+        its last snapshots in memory until enough arrive. None waits for full chunk rows.
     max_inflight_bytes : int
-        Host memory for snapshots not yet written; sets the chunk depth and buffer count.
+        Host memory for snapshots not yet written, shared by all vector series (params,
+        grads, probes) in proportion to their row size; it sets the chunk depth and buffer
+        count. Each series keeps at least two buffers of one row, and the writer's chunk
+        buffer and the CPU sketch inputs come on top.
     resume : bool
         Continue a run that already holds committed steps; snapshots at steps already
-        committed are skipped, so a deterministic replay continues without gaps or duplicates.
+        committed are skipped, series by series, so a deterministic replay continues without
+        gaps or duplicates.
     start_step : int
-        The optimizer step the loop starts from (after restoring a checkpoint).
+        The optimizer step the loop starts from (after restoring a checkpoint), an int >= 0.
     optimizer : torch.optim.Optimizer, optional
         Recorded in the run metadata; ``attach`` sets it too.
     compressor : {None, "zstd", "blosc"}
@@ -176,6 +316,7 @@ class Recorder:
         on_full: str = "block",
         on_error: str = "raise",
         max_inflight_bytes: int = 512 * 2**20,
+        flush_every_s: float | None = 60.0,
         resume: bool = True,
         start_step: int = 0,
         optimizer=None,
@@ -189,21 +330,50 @@ class Recorder:
             raise ValueError(
                 f"Invalid dtype={dtype!r}; expected one of {', '.join(_STORAGE_DTYPES)}."
             )
+        if flush_every_s is not None and not (
+            isinstance(flush_every_s, numbers.Real)
+            and not isinstance(flush_every_s, bool)
+            and flush_every_s > 0
+        ):
+            raise ValueError(
+                f"Invalid flush_every_s={flush_every_s!r}; expected a number of seconds > 0 or None."
+            )
+        if not _is_int(start_step) or start_step < 0:
+            raise ValueError(f"Invalid start_step={start_step!r}; expected an int >= 0.")
+        if sketch is not None:
+            sketch_method, sketch, seed = check_sketch(sketch_method, sketch, seed)
+        elif sketch_method not in METHODS:
+            raise ValueError(
+                f"Invalid sketch_method={sketch_method!r}; expected one of {', '.join(METHODS)}."
+            )
         self.store, self.run_id = store, layout.check_run_id(run)
         self.model = model
         self.schedule = make_schedule(every)
         self.tags = dict(tags or {})
-        self.params, self.grads, self.probes = params, grads, dict(probes or {})
+        self.params, self.grads = params, grads
+        self.probes = {
+            _check_name(name, "probe name"): _as_probe(name, probe)
+            for name, probe in dict(probes or {}).items()
+        }
+        if self.probes and model is None:
+            raise ValueError(
+                f"Probes {', '.join(map(repr, self.probes))} need a model; pass model=... "
+                "to the Recorder."
+            )
         self.sketch, self.sketch_method, self.seed = sketch, sketch_method, seed
         self.dtype = _STORAGE_DTYPES[dtype]
         self.initial, self.on_full, self.on_error = initial, on_full, on_error
         self.max_inflight_bytes = int(max_inflight_bytes)
+        self.flush_every_s = None if flush_every_s is None else float(flush_every_s)
+        self._flush_due = 0.0
         self.resume, self.step_count = resume, int(start_step)
+        self._start_step = self.step_count
         self.optimizer, self.compressor = optimizer, compressor
         self._writer = None
         self._workers: dict[str, ProjectionWorker] = {}  # CPU sketches, one per series
         self._hooks = []
         self._disabled = False
+        self._holds_sigterm = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -219,7 +389,11 @@ class Recorder:
         return False
 
     def open(self) -> Recorder:
-        """Open the run (resuming it if it exists) and record the initial snapshot."""
+        """Open the run (resuming it if it exists) and record the initial snapshot.
+
+        Everything that can be checked without the store (the parameters selected, the
+        probes' outputs, ids and labels) is checked first, so a refused call creates nothing.
+        """
         self._layout()
         metadata = {
             "tags": self.tags,
@@ -239,11 +413,16 @@ class Recorder:
         except BaseException:
             self._thread.stop()
             self._close_workers()
-            self._writer.abandon()
+            self._writer.discard()  # a run created here and never committed to is removed
+            self._writer = None
             raise
-        self._install_sigterm()
+        self._holds_sigterm = _hold_sigterm()
         if self.initial:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except BaseException:  # __exit__ will not run: release the run here
+                self.close(status="interrupted", raise_errors=False)
+                raise
         return self
 
     def close(self, status: str = "complete", raise_errors: bool = True) -> None:
@@ -266,7 +445,11 @@ class Recorder:
             return
         flagged = writer.attrs.get("nonfinite")
         if flagged:
-            summary = ", ".join(f"{path} at steps {steps[:5]}" for path, steps in flagged.items())
+            counts = writer.attrs.get("nonfinite_count") or {}
+            summary = ", ".join(
+                f"{path} at steps {steps[:5]} ({counts.get(path, len(steps))} rows)"
+                for path, steps in flagged.items()
+            )
             warnings.warn(
                 f"Run {self.run_id!r} recorded NaN/Inf values ({summary}); they are stored as "
                 "recorded and flagged in the run's 'nonfinite' metadata.",
@@ -279,7 +462,9 @@ class Recorder:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        self._restore_sigterm()
+        if self._holds_sigterm:
+            self._holds_sigterm = False
+            _release_sigterm()
         writer, self._writer = self._writer, None
         if self._thread.error is None:
             for stream in self._streams():
@@ -320,37 +505,62 @@ class Recorder:
         self.step_count += 1
         if self.step_count in self.schedule:
             self.snapshot()
+        if self.flush_every_s is not None:
+            self._flush_stale()
 
     def log(self, **scalars) -> None:
-        """Log scalars at the current step without counting a step (for ``attach`` users)."""
+        """Log scalars at the current step without counting a step.
+
+        For ``attach`` users: the step counts when ``optimizer.step()`` runs, so log what
+        describes the current parameters (the loss) before ``optimizer.step()``. Every
+        scalar is checked (a name without ``/``, one real number) before any is logged.
+        """
         if not self._live():
             return
+        checked = {}
         for name, value in scalars.items():
             log = self._scalars.get(name)
             if log is None:
-                log = self._scalars[name] = self._new_scalar(name)
-            if log.last_step is not None and log.last_step >= self.step_count:
+                _check_name(name, "scalar name")
+            checked[name] = _scalar_value(name, value)
+            if log is not None and log.last_step is not None and log.last_step >= self.step_count:
                 raise ValueError(
                     f"Scalar {name!r} was already logged at step {self.step_count}; "
                     "log each scalar once per step."
                 )
+        for name, value in checked.items():
+            log = self._scalars.get(name)
+            if log is None:
+                log = self._scalars[name] = self._new_scalar(name)
             last = self._resume_after[log.path]
             if last is None or self.step_count > last:
                 log.log(self.step_count, value)
 
     def snapshot(self) -> None:
-        """Record the selected vectors now, at the current step."""
+        """Record the selected vectors now, at the current step.
+
+        A second snapshot at the step already captured does nothing; one at an earlier step
+        raises ``ValueError``. Series that committed this step before a resume skip it.
+        """
         if not self._live():
             return
         step = self.step_count
-        done = [
-            s for path, s in self._resume_after.items() if path in self._vectors and s is not None
-        ]
-        if done and step <= max(done):
-            return  # already committed before a resume
+        last = self._last_snapshot
+        if last is not None and step <= last:
+            if step == last:
+                return
+            raise ValueError(
+                f"Snapshot at step {step} after one at step {last}; snapshot steps must increase."
+            )
         if self._chosen:
             self._check_layout(step)
+        self._last_snapshot = step
         for path, stream in self._vectors.items():
+            committed = self._resume_after[path]
+            if committed is not None and step <= committed:
+                continue  # this series committed the step before a resume
+            if path == layout.GRADS:
+                self._check_grads(step)
             stream.capture(step, self._fillers[path])
 
     def attach(self, optimizer):
@@ -382,11 +592,14 @@ class Recorder:
         )
 
     def _layout(self):
-        """Decide what is recorded and where it lives."""
+        """Decide what is recorded and where it lives; evaluate each probe once.
+
+        Runs before the run is created, so anything refused here leaves the store untouched.
+        """
         self._chosen, kind = [], None
         if self.model is not None and self.params is not False:
             self._chosen, kind = _select(self.model, self.params)
-        self._kind = "sketch" if self.sketch else kind
+        self._kind = "sketch" if self.sketch is not None else kind
         self._table, self._size = _tensors_table(self._chosen)
         self._shapes = [tuple(p.shape) for _, p in self._chosen]
         self._model_size = (
@@ -396,14 +609,44 @@ class Recorder:
             list(self.model.parameters()) if self.model else []
         )
         self.device = tensors[0].device if tensors else torch.device("cpu")
+        self._probe_plans = [self._plan_probe(name, probe) for name, probe in self.probes.items()]
+        # the in-flight budget is shared by the vector series in proportion to their rows
+        width = self.sketch if self.sketch is not None else self._size
+        rows = [width] * ((1 + bool(self.grads)) if self._chosen else 0)
+        rows += [plan.samples * plan.features for plan in self._probe_plans]
+        self._budget_rows = max(1, sum(rows))
+
+    def _plan_probe(self, name, probe) -> _ProbePlan:
+        fn = probe.fn or _default_probe_fn
+        example = fn(self.model, probe.inputs)
+        if not isinstance(example, torch.Tensor) or example.dim() == 0:
+            got = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example)
+            raise ValueError(
+                f"Invalid probe {name!r}: its output is {got}; expected a (samples, features) "
+                "or (samples,) tensor."
+            )
+        samples = int(example.shape[0])
+        features = int(example[0].numel()) if samples else 0
+        if samples == 0 or features == 0:
+            raise ValueError(
+                f"Invalid probe {name!r}: its output of shape {tuple(example.shape)} is empty."
+            )
+        ids = np.arange(samples) if probe.ids is None else probe.ids
+        coords = {"sample": ("sample", _probe_coord(name, ids, "ids", samples))}
+        if probe.labels is not None:
+            coords["label"] = ("sample", _probe_coord(name, probe.labels, "labels", samples))
+        path = layout.series_path(layout.PROBES, name)
+        return _ProbePlan(path, fn, probe.inputs, samples, features, coords)
 
     def _open_series(self):
         self._vectors, self._fillers, self._scalars, self._resume_after = {}, {}, {}, {}
         self._workers = {}
+        self._last_snapshot = None
+        self._warned_grads = False
         if self._chosen:
             width = self.sketch or self._size
             attrs = {"kind": self._kind, "tensors": self._table}
-            if self.sketch:
+            if self.sketch is not None:
                 self._sketcher = make_sketch(
                     self.sketch_method, self.sketch, self._size, self.seed, self.device
                 )
@@ -417,7 +660,7 @@ class Recorder:
             vectors = {layout.PARAMS: self._params, layout.GRADS: self._grads}
             for path in [layout.PARAMS, layout.GRADS] if self.grads else [layout.PARAMS]:
                 worker = None
-                if self.sketch and self.device.type == "cpu":  # each series its own input
+                if self.sketch is not None and self.device.type == "cpu":  # one input each
                     worker = self._workers[path] = ProjectionWorker(
                         self._size,
                         torch.promote_types(self.dtype, torch.float32),  # round after projecting
@@ -425,16 +668,15 @@ class Recorder:
                     )
                 fill = functools.partial(self._fill, tensors=vectors[path], worker=worker)
                 self._add_vector(path, (width,), ("param",), attrs, fill, worker=worker)
-        for name, probe in self.probes.items():
-            if not isinstance(probe, Probe):
-                probe = Probe(*probe) if isinstance(probe, tuple) else Probe(probe)
-            self._add_probe(name, probe)
+        for plan in self._probe_plans:
+            self._add_probe(plan)
 
     def _add_vector(self, path, row_shape, row_dims, attrs, fill, coords=None, worker=None):
         size = int(torch.Size(row_shape).numel())
         row_bytes = size * self.dtype.itemsize
-        chunk_steps = _chunk_steps(row_bytes, self.max_inflight_bytes)
-        n_buffers = max(2, min(8, self.max_inflight_bytes // max(1, chunk_steps * row_bytes)))
+        budget = self.max_inflight_bytes * size // self._budget_rows  # this series' share
+        chunk_steps = _chunk_steps(row_bytes, budget)
+        n_buffers = max(2, min(8, budget // max(1, chunk_steps * row_bytes)))
         spec = SeriesSpec(
             path,
             tuple(row_shape),
@@ -457,28 +699,24 @@ class Recorder:
             self._thread,
             self.on_full,
             worker=worker,
+            written=series.written,
         )
         self._vectors[path], self._fillers[path] = stream, fill
 
-    def _add_probe(self, name, probe):
-        fn = probe.fn or _default_probe_fn
-        inputs = probe.inputs
-        example = fn(self.model, inputs)
-        if example.dim() == 1:
-            example = example[:, None]
-        samples, features = example.shape[0], int(example[0].numel())
-        ids = torch.arange(samples) if probe.ids is None else torch.as_tensor(probe.ids)
-        coords = {"sample": ("sample", ids.cpu().numpy())}
-        if probe.labels is not None:
-            coords["label"] = ("sample", torch.as_tensor(probe.labels).cpu().numpy())
-        path = layout.series_path(layout.PROBES, name)
+    def _add_probe(self, plan: _ProbePlan):
+        fn, inputs, samples, features = plan.fn, plan.inputs, plan.samples, plan.features
 
         def fill(row):
             output = fn(self.model, inputs).detach()
             row.view(samples, features).copy_(output.reshape(samples, features))
 
         self._add_vector(
-            path, (samples, features), ("sample", "feature"), {"kind": "probe"}, fill, coords
+            plan.path,
+            (samples, features),
+            ("sample", "feature"),
+            {"kind": "probe"},
+            fill,
+            plan.coords,
         )
 
     def _new_scalar(self, name):
@@ -509,6 +747,31 @@ class Recorder:
     def _grads(self):
         return [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self._chosen]
 
+    def _flush_stale(self):
+        """Hand off the buffers whose oldest row waited ``flush_every_s``; checked a few
+        times per interval, so a step costs one clock read."""
+        now = time.monotonic()
+        if now < self._flush_due or self._writer is None or self._disabled:
+            return
+        self._flush_due = now + self.flush_every_s / 4
+        for stream in self._streams():
+            stream.flush_if_older(now - self.flush_every_s)
+
+    def _check_grads(self, step):
+        """Warn once when no selected parameter has a gradient at a snapshot after the start:
+        the loop cleared them before ``rec.step`` and every recorded gradient is zero."""
+        if self._warned_grads or step <= self._start_step:
+            return
+        if all(p.grad is None for _, p in self._chosen):
+            self._warned_grads = True
+            warnings.warn(
+                f"Run {self.run_id!r}: no recorded parameter has a gradient at step {step}, so "
+                "grads stores zeros. Call rec.step before optimizer.zero_grad(), or use "
+                "rec.attach(optimizer).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def _fill(self, row, tensors, worker):
         if worker is not None:
             worker.submit(tensors(), row)
@@ -516,21 +779,3 @@ class Recorder:
             self._sketcher.project(tensors(), row)
         else:
             flatten_into(row, tensors())
-
-    def _install_sigterm(self):
-        """Turn SIGTERM into SystemExit so the ``with`` block flushes and marks the run interrupted."""
-        self._previous_sigterm = None
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return
-
-        def on_sigterm(signum, frame):
-            raise SystemExit(128 + signum)
-
-        self._previous_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
-
-    def _restore_sigterm(self):
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None

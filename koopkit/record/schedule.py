@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,16 +40,31 @@ def _log_grid(step: int, per_decade: int) -> set[int]:
     return {round(10 ** (j / per_decade)) for j in (k - 1, k, k + 1)}
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_step(value) -> int:
+    """An explicit step: an integer, or a float with an integral value (``5.0``)."""
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if math.isfinite(value) and float(value).is_integer():
+            return int(value)
+    raise ValueError(f"Invalid step {value!r} in the explicit schedule; expected an int >= 0.")
+
+
 def every_n(n: int) -> Schedule:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not _is_int(n) or n < 1:
         raise ValueError(
             f"Invalid every={n!r}; expected a positive int, a list of steps or a schedule."
         )
-    return Schedule("every", n=n)
+    return Schedule("every", n=int(n))
 
 
 def at_steps(steps: Iterable[int]) -> Schedule:
-    steps = frozenset(int(s) for s in steps)
+    steps = frozenset(_as_step(s) for s in steps)
     if not steps or min(steps) < 0:
         raise ValueError("Invalid explicit schedule; expected a non-empty list of steps >= 0.")
     return Schedule("steps", steps=steps)
@@ -56,7 +72,7 @@ def at_steps(steps: Iterable[int]) -> Schedule:
 
 def log_spaced(per_decade: int = 20) -> Schedule:
     """Steps round(10**(k/per_decade)) for k = 0, 1, ...: dense early in training, sparse later."""
-    if per_decade < 1:
+    if not _is_int(per_decade) or per_decade < 1:
         raise ValueError(f"Invalid per_decade={per_decade!r}; expected an int >= 1.")
     return Schedule("log", per_decade=int(per_decade))
 
@@ -78,7 +94,7 @@ def make_schedule(every) -> Schedule:
     """Interpret the Recorder's ``every`` argument."""
     if isinstance(every, Schedule):
         return every
-    if isinstance(every, int) and not isinstance(every, bool):
+    if _is_int(every):
         return every_n(every)
     if isinstance(every, Iterable) and not isinstance(every, str | bytes):
         return at_steps(every)

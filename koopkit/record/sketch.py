@@ -13,6 +13,7 @@ References: Charikar, Chen & Farach-Colton (2002), CountSketch; Woodruff (2014),
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import threading
 
 import torch
@@ -202,12 +203,22 @@ class GaussianSketch:
         return out
 
 
-def make_sketch(method: str, dim: int, size: int, seed: int, device):
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_sketch(method: str, dim: int, seed: int) -> tuple[str, int, int]:
+    """Validate a sketch's method, width and seed; returns them with Python ints."""
     if method not in METHODS:
-        raise ValueError(f"Invalid sketch method {method!r}; expected one of {', '.join(METHODS)}.")
-    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"Invalid sketch_method={method!r}; expected one of {', '.join(METHODS)}.")
+    if not _is_int(dim) or dim < 1:
         raise ValueError(f"Invalid sketch={dim!r}; expected a positive int (the sketch width k).")
-    if not isinstance(seed, int) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"Invalid sketch seed={seed!r}; expected an int >= 0.")
+    return method, int(dim), int(seed)
+
+
+def make_sketch(method: str, dim: int, size: int, seed: int, device):
+    method, dim, seed = check_sketch(method, dim, seed)
     cls = CountSketch if method == "countsketch" else GaussianSketch
     return cls(dim, size, seed, device)

@@ -7,12 +7,15 @@ stream into pinned memory, with an event recorded. A full buffer goes to the wri
 which waits on the event (never the training thread) and writes the whole chunk row.
 Memory in flight is bounded by the number of buffers; when all are in flight, ``on_full``
 decides: "block" waits for the writer (nothing lost), "drop" skips snapshots and counts them.
+A buffer whose oldest row has waited ``flush_every_s`` is handed off before it fills, and
+committed at once, so a sparse schedule does not keep its rows on the host for hours.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,7 +40,17 @@ class VectorStream:
     """Snapshots of one flat vector per step, handed to the writer in whole chunk rows."""
 
     def __init__(
-        self, path, size, chunk_steps, n_buffers, device, dtype, writer, on_full, worker=None
+        self,
+        path,
+        size,
+        chunk_steps,
+        n_buffers,
+        device,
+        dtype,
+        writer,
+        on_full,
+        worker=None,
+        written=0,
     ):
         self.path = path
         self.size = int(size)
@@ -53,6 +66,8 @@ class VectorStream:
             self.free.put(_host_buffer((self.chunk_steps, self.size), dtype, pin=self.cuda))
         self.current = self.free.get()
         self.steps: list[int] = []
+        self.since = 0.0  # when the first row of the current buffer was captured
+        self.position = int(written)  # rows of the series handed off (or stored) before
         self.dropped = 0
         if self.cuda:
             self.side = torch.cuda.Stream(device=self.device)
@@ -65,7 +80,7 @@ class VectorStream:
     def capture(self, step: int, fill) -> None:
         """Record one snapshot; ``fill(row)`` writes the flat vector into a device row."""
         if self.current is None:
-            self.current = self._acquire_nowait()
+            self.current = self._acquire()
             if self.current is None:
                 self.dropped += 1
                 return
@@ -86,11 +101,23 @@ class VectorStream:
             fill(self.staging)
             row.copy_(self.staging)
         self.steps.append(step)
-        if len(self.steps) == self.chunk_steps:
+        if len(self.steps) == 1:
+            self.since = time.monotonic()
+        # hand off where a chunk row of the store ends, even after a partial hand-off
+        if len(self.steps) == self.chunk_steps - self.position % self.chunk_steps:
             self.hand_off()
 
-    def hand_off(self) -> None:
-        """Send the current (possibly partial) buffer to the writer and take a free one."""
+    def flush_if_older(self, cutoff: float) -> None:
+        """Hand off a partial buffer whose first row was captured before ``cutoff``."""
+        if self.steps and self.since <= cutoff:
+            self.hand_off(flush=True)
+
+    def hand_off(self, flush: bool = False) -> None:
+        """Send the current (possibly partial) buffer to the writer and take a free one.
+
+        The buffer is detached before it is submitted: an interrupt (Ctrl-C, SIGTERM) that
+        lands anywhere in here can lose it, but never submit it twice.
+        """
         if self.current is None or not self.steps:
             return
         done = None
@@ -99,14 +126,16 @@ class VectorStream:
             done.record(self.side)
         elif self.worker is not None:
             done = self.worker.barrier()
-        self.writer.submit(self, np.array(self.steps, dtype=np.int64), self.current, done)
-        self.steps = []
-        if self.on_full == "block":
-            self.current = self.free.get()
-        else:
-            self.current = self._acquire_nowait()
+        buffer, steps = self.current, np.array(self.steps, dtype=np.int64)
+        self.current, self.steps = None, []
+        self.position += len(steps)
+        self.writer.submit(self, steps, buffer, done, flush=flush)
+        self.current = self._acquire()
 
-    def _acquire_nowait(self):
+    def _acquire(self):
+        """A free buffer: wait for one (on_full="block"), or None when all are in flight."""
+        if self.on_full == "block":
+            return self.free.get()
         try:
             return self.free.get_nowait()
         except queue.Empty:
@@ -176,6 +205,7 @@ class ScalarLog:
         self.device = torch.device(device)
         self._new_batch()
         self.steps: list[int] = []
+        self.since = 0.0
         self.last_step = None
 
     def _new_batch(self):
@@ -191,21 +221,29 @@ class ScalarLog:
             slot.fill_(float(value))
         self.steps.append(step)
         self.last_step = step
+        if len(self.steps) == 1:
+            self.since = time.monotonic()
         if len(self.steps) == self.batch:
             self.hand_off()
 
-    def hand_off(self) -> None:
+    def flush_if_older(self, cutoff: float) -> None:
+        """Hand off a partial batch whose first value was logged before ``cutoff``."""
+        if self.steps and self.since <= cutoff:
+            self.hand_off(flush=True)
+
+    def hand_off(self, flush: bool = False) -> None:
+        """Copy the batch to the host and submit it; detached first, so never submitted twice."""
         if not self.steps:
             return
-        count = len(self.steps)
-        host = self.values[:count].to("cpu", non_blocking=self.device.type == "cuda")
+        values, steps = self.values, np.array(self.steps, dtype=np.int64)
+        self._new_batch()
+        self.steps = []
+        host = values[: len(steps)].to("cpu", non_blocking=self.device.type == "cuda")
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
-        self.writer.submit(self, np.array(self.steps, dtype=np.int64), host, done)
-        self._new_batch()
-        self.steps = []
+        self.writer.submit(self, steps, host, done, flush=flush)
 
     def release(self, buffer) -> None:
         pass
@@ -225,21 +263,24 @@ class WriterThread:
         self.thread = threading.Thread(target=self._loop, name="koopkit-writer", daemon=True)
         self.thread.start()
 
-    def submit(self, stream, steps, buffer, done) -> None:
-        self.items.put((stream, steps, buffer, done))
+    def submit(self, stream, steps, buffer, done, flush: bool = False) -> None:
+        """Queue rows for writing; ``flush`` commits them (and every buffered row) at once."""
+        self.items.put((stream, steps, buffer, done, flush))
 
     def _loop(self):
         while True:
             item = self.items.get()
             if item is None:
                 return
-            stream, steps, buffer, done = item
+            stream, steps, buffer, done, flush = item
             try:
                 if self.error is None:
                     if done is not None:
                         done.synchronize()
                     rows = buffer[: len(steps)].numpy()
                     self.run_writer.append(stream.path, steps, rows)
+                    if flush:
+                        self.run_writer.flush()
             except BaseException as exc:  # reported to the training thread
                 self.error = exc
             finally:

@@ -16,8 +16,21 @@ class RunAccessor:
         self._tree = tree
 
     def tensors(self, series: str = "params") -> list[dict]:
-        """The tensors table: name, offset, shape and dtype of each flattened tensor."""
-        return list(self._tree[series].attrs.get("tensors") or [])
+        """The tensors table: name, offset, shape and dtype of each flattened tensor.
+
+        A sketch series has no per-tensor columns (each column mixes every tensor), so
+        asking for its table raises ``ValueError``; its source tensors stay readable in
+        ``run[series].attrs["tensors"]``.
+        """
+        attrs = self._tree[series].attrs
+        if attrs.get("kind") == "sketch":
+            sketch = attrs.get("sketch") or {}
+            raise ValueError(
+                f"Series {series!r} holds a {sketch.get('method', 'random')} sketch of width "
+                f"{sketch.get('dim', '?')}, not the flattened tensors; per-tensor views need "
+                "a series of kind 'full' or 'subset' (record without sketch=)."
+            )
+        return list(attrs.get("tensors") or [])
 
     def tensor(self, name: str, series: str = "params") -> xr.DataArray:
         """One tensor's trajectory, lazily reshaped to ``(step, *shape)``."""

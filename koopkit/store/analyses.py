@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 
 import numpy as np
 
 from .. import __version__
+from ..errors import WriteFailedError
 from ..plugins import lookup
 from . import layout
 from .location import open_root
@@ -58,9 +60,17 @@ def _write(url, kind, attrs, arrays: dict, spectra) -> str:
             if spectrum.residuals is not None:
                 node.create_array("residuals", data=spectrum.residuals, dimension_names=("mode",))
         group.attrs.update(attrs)  # written last: a group without attrs is not an analysis
-    except BaseException:
-        if path in root:
-            del root[path]
+    except BaseException as exc:
+        try:
+            if path in root:
+                del root[path]
+        except OSError:
+            pass  # nothing could be written there either
+        if isinstance(exc, OSError) and not isinstance(exc, WriteFailedError):
+            reason = exc.strerror or f"{type(exc).__name__}: {exc}"
+            raise WriteFailedError(
+                f"Cannot write {path!r} into store {os.fspath(url)!r}: {reason}."
+            ) from exc
         raise
     return analysis_id
 
@@ -114,7 +124,12 @@ def save_comparison(
         }
     )
     if test[0]:
-        attrs["test"] = {"name": test[0], "params": dict(test[1] or {})}
+        attrs["test"] = {
+            "name": test[0],
+            "params": dict(test[1] or {}),
+            # False: p_value holds an uncalibrated score and p_value_holm is left NaN
+            "calibrated": bool(getattr(comparison, "calibrated", True)),
+        }
     pair = ("condition", "condition_other")
     arrays = {
         "distance_mean": (pair, comparison.distance_mean),

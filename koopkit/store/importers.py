@@ -58,12 +58,30 @@ def _write_all(store, run_id, metadata, spec, rows_iter) -> int:
     return count
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def import_npy(source, store, run_id: str, tags: dict | None = None, name: str = "x") -> int:
     """Import a ``(steps, features)`` array from a ``.npy`` file as one run; returns the rows."""
     path = Path(source)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+    except OSError as exc:
+        raise ImportFailedError(f"Cannot read {str(path)!r}: {exc.strerror or exc}.") from exc
+    if magic != NPY_MAGIC:  # np.load would try it as a pickle and say so
+        raise ImportFailedError(
+            f"Invalid .npy file {str(path)!r}: it does not start with the .npy magic "
+            "bytes; expected an array saved with numpy.save."
+        )
+    try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
+        if "pickled" in str(exc) or "Python objects" in str(exc):
+            raise ImportFailedError(
+                f"Invalid .npy file {str(path)!r}: it holds Python objects, which are stored "
+                "as pickles and never loaded; expected a numeric (steps, features) array."
+            ) from exc
         raise ImportFailedError(f"Cannot read {str(path)!r} as a .npy array: {exc}") from exc
     if array.ndim != 2 or array.dtype.kind not in "fiu" or 0 in array.shape:
         raise ImportFailedError(

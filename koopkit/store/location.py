@@ -7,6 +7,7 @@ documents read without zarr, refused in exactly the same words when it is not a 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from ..errors import FormatVersionError, NotAStoreError, StoreError
@@ -75,7 +76,21 @@ def check_root(attrs, url) -> None:
 
 
 def open_root(url, *, writable: bool = False):
-    """The root group of a koopkit store; created (empty) when writable and absent."""
+    """The root group of a koopkit store; created (empty) when writable and absent.
+
+    Two processes may create one store at once, and zarr's check-then-create is not atomic:
+    the one that loses the race finds the other's root document (or reads it half-written)
+    and opens it on a later try.
+    """
+    for wait in (0.01, 0.03, 0.1, 0.3) if writable else ():
+        try:
+            return _open_root(url, writable, racing=True)
+        except ValueError:  # zarr's ContainsGroupError, or a root document being written
+            time.sleep(wait)
+    return _open_root(url, writable)
+
+
+def _open_root(url, writable: bool, racing: bool = False):
     import zarr
 
     store = _zarr_store(url, writable=writable)
@@ -86,6 +101,8 @@ def open_root(url, *, writable: bool = False):
     except StoreError:
         raise
     except Exception as exc:  # zarr raises many types for unreadable input
+        if racing and isinstance(exc, ValueError):
+            raise
         raise NotAStoreError(
             f"{os.fspath(url)!r} is not a readable Zarr v3 store: {type(exc).__name__}: {exc}"
         ) from exc

@@ -21,6 +21,8 @@ import os
 import struct
 from typing import NamedTuple
 
+from ..errors import StoreError
+
 __all__ = ["ArrayDocument", "ArrayMeta", "LocalNodes", "NotCanonical", "ZarrNodes", "parse_array"]
 
 ZARR_JSON = "zarr.json"
@@ -37,34 +39,104 @@ class ArrayMeta(NamedTuple):
 
 
 class ZarrNodes:
-    """Nodes of a store opened by zarr; paths are relative to the root group (``""`` is the root)."""
+    """Nodes of a store opened by zarr; paths are relative to the root group (``""`` is the root).
 
-    def __init__(self, root):
+    A node whose ``zarr.json`` zarr cannot read is a ``StoreError`` naming that document
+    (``url`` prefixes it), not the parser's bare exception.
+    """
+
+    def __init__(self, root, url=None):
         self.root = root
+        self.url = None if url is None else os.fspath(url)
 
-    def _node(self, path: str):
-        return self.root[path] if path else self.root
+    def node(self, path: str):
+        """The zarr group or array at ``path``; KeyError when there is none."""
+        if not path:
+            return self.root
+        try:
+            return self.root[path]
+        except KeyError:
+            raise
+        except Exception as exc:
+            raise self.unreadable(path, exc) from exc
+
+    def unreadable(self, path: str, exc: BaseException) -> StoreError:
+        """The error for a node whose metadata document cannot be read or parsed."""
+        document = f"{path}/{ZARR_JSON}" if path else ZARR_JSON
+        if self.url is not None:
+            document = f"{self.url.rstrip('/')}/{document}"
+        if isinstance(exc, json.JSONDecodeError):
+            return StoreError(
+                f"{document!r} is not valid JSON (line {exc.lineno} column {exc.colno}); "
+                "repair or remove that node."
+            )
+        if isinstance(exc, OSError) and exc.strerror:
+            return StoreError(f"Cannot read {document!r}: {exc.strerror}.")
+        return StoreError(
+            f"{document!r} is not valid Zarr metadata: {type(exc).__name__}: {exc}".rstrip(": ")
+        )
 
     def attrs(self, path: str) -> dict:
-        return self._node(path).attrs.asdict()
+        return self.node(path).attrs.asdict()
 
     def contains(self, path: str) -> bool:
-        return path in self.root
+        try:
+            return path in self.root
+        except Exception as exc:
+            raise self.unreadable(path, exc) from exc
 
     def groups(self, path: str) -> list[tuple[str, dict]]:
         """The child groups of a group, sorted by name, with their attributes."""
-        children = ((name, child.attrs.asdict()) for name, child in self._node(path).groups())
+        group = self.node(path)
+        try:
+            children = [(name, child.attrs.asdict()) for name, child in group.groups()]
+        except Exception as exc:
+            raise self._unreadable_child(group, path, exc) from exc
         return sorted(children, key=lambda item: item[0])
 
+    def _unreadable_child(self, group, path: str, exc: BaseException) -> StoreError:
+        """Which child of ``group`` made listing it fail, read one by one; zarr's listing
+        left its other reads running, and they are let finish so none is torn down pending."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        async def probe():
+            current = asyncio.current_task()
+            others = [t for t in asyncio.all_tasks() if t is not current]
+            if others:  # the listing's reads still in flight: wait, and read their outcome
+                await asyncio.wait(others, timeout=30)
+                for task in others:
+                    if task.done() and not task.cancelled():
+                        task.exception()
+            agroup = group._async_group
+            names = sorted(
+                [key async for key in agroup.store.list_dir(agroup.path) if key != ZARR_JSON]
+            )
+            outcomes = await asyncio.gather(
+                *(agroup.getitem(name) for name in names), return_exceptions=True
+            )
+            return list(zip(names, outcomes, strict=True))
+
+        try:
+            outcomes = sync(probe())
+        except Exception:  # the store cannot even be listed: say what listing said
+            outcomes = []
+        for name, outcome in outcomes:
+            if isinstance(outcome, Exception) and not isinstance(outcome, KeyError):
+                return self.unreadable(f"{path}/{name}" if path else name, outcome)
+        where = path or "the root group"
+        return StoreError(f"Cannot list the children of {where!r}: {type(exc).__name__}: {exc}")
+
     def array(self, path: str) -> ArrayMeta:
-        array = self.root[path]
+        array = self.node(path)
         return ArrayMeta(tuple(array.shape), str(array.dtype))
 
     def rows(self, path: str, stop: int):
         """The first ``stop`` rows of an array (fewer when it is shorter), as a numpy array."""
         import numpy as np
 
-        array = self.root[path]
+        array = self.node(path)
         return np.asarray(array[: min(stop, array.shape[0])])
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "open_store",
+    "unreadable_metadata",
     "open_run",
     "summarize",
     "TrajectoryStore",
@@ -190,6 +191,11 @@ class TrajectoryStore:
     def root(self):
         return self.nodes.root
 
+    def _zarr_node(self, path: str):
+        """The zarr node at ``path``; an unreadable ``zarr.json`` is a StoreError naming it."""
+        nodes = self.nodes if isinstance(self.nodes, ZarrNodes) else ZarrNodes(self.root, self.url)
+        return nodes.node(path)
+
     @property
     def attrs(self) -> dict:
         return self.nodes.attrs("")
@@ -255,7 +261,7 @@ class TrajectoryStore:
                 f"Run {run_id!r} has no series {path!r}; it has: {', '.join(info.series) or 'none'}."
             )
         where = f"{layout.run_path(run_id)}/{path}/value"
-        value = self.root[where]
+        value = self._zarr_node(where)
         directory = local_path(self.url)
         files = None
         if directory is not None and value.ndim == 2:
@@ -285,7 +291,7 @@ class TrajectoryStore:
         import numpy as np
         import xarray as xr
 
-        group = self.root[f"{layout.run_path(run_id)}/{path}"]
+        group = self._zarr_node(f"{layout.run_path(run_id)}/{path}")
         value = self.array(run_id, path)
         dims = tuple(group["value"].metadata.dimension_names)
         coords = {"step": ("step", self.steps(run_id, path)[: value.shape[0]])}
@@ -304,7 +310,7 @@ class TrajectoryStore:
         nodes = {"/": xr.Dataset(attrs={k: v for k, v in info.attrs.items() if k != "writer"})}
         for path in info.series:
             nodes[f"/{path}"] = self.dataset(run_id, path)
-        group = self.root[layout.run_path(run_id)]
+        group = self._zarr_node(layout.run_path(run_id))
         if layout.STATIC in group:
             static = {
                 name: (tuple(a.metadata.dimension_names), np.asarray(a[...]))
@@ -316,7 +322,7 @@ class TrajectoryStore:
 
 def open_store(url) -> TrajectoryStore:
     """Open a koopkit store (directory, ``.zip`` or fsspec URL) for reading."""
-    return TrajectoryStore(url, ZarrNodes(open_root(url)))
+    return TrajectoryStore(url, ZarrNodes(open_root(url), url))
 
 
 def summarize(url, describe: Callable[[TrajectoryStore], T]) -> T:
@@ -335,6 +341,27 @@ def summarize(url, describe: Callable[[TrajectoryStore], T]) -> T:
     except Exception:  # NotCanonical, or any surprise: zarr's answer is the reference
         pass
     return describe(open_store(url))
+
+
+def unreadable_metadata(url) -> list[str]:
+    """Why some node's ``zarr.json`` in the store cannot be read (empty when all can).
+
+    Walks every group, reading each child's document as zarr does; the first unreadable one
+    is named. A store that does not open at all gives an empty list: opening it says why.
+    """
+    try:
+        nodes = ZarrNodes(open_root(url), url)
+    except StoreError:
+        return []
+    pending = [""]
+    try:
+        while pending:
+            path = pending.pop()
+            for name, _ in nodes.groups(path):
+                pending.append(f"{path}/{name}" if path else name)
+    except StoreError as exc:
+        return [str(exc)]
+    return []
 
 
 def open_run(url, run_id: str):

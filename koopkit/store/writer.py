@@ -24,6 +24,7 @@ from .location import local_path, open_root
 from .lock import RunLock
 
 CHUNK_BYTES = 16 * 2**20  # target uncompressed chunk size
+NONFINITE_LIMIT = 100  # steps listed per series in the run's "nonfinite"; the rest are counted
 
 
 def now() -> str:
@@ -60,6 +61,25 @@ def _compressors(name):
     raise ValueError(f"Invalid compressor {name!r}; expected None, 'zstd' or 'blosc'.")
 
 
+def _create_coord(group, name, dim, values) -> None:
+    """A 1-D coordinate array (probe sample ids, labels); text is stored as UTF-8 strings."""
+    values = np.asarray(values)
+    if values.dtype.kind in "US":
+        array = group.create_array(
+            name,
+            shape=values.shape,
+            dtype=str,
+            chunks=values.shape or (1,),
+            dimension_names=(dim,),
+            compressors=None,
+        )
+        array[...] = values.astype(str)
+        return
+    group.create_array(
+        name, data=values, chunks=values.shape, dimension_names=(dim,), compressors=None
+    )
+
+
 def _column_chunks(row_shape, chunk_steps, itemsize):
     """Chunk the first row axis so one chunk is about CHUNK_BYTES; keep other axes whole."""
     if not row_shape:
@@ -82,25 +102,16 @@ class SeriesWriter:
         dtype = np.dtype(spec.dtype)
         if spec.path in run_group:
             group = run_group[spec.path]
+            conflict = self._conflict(group, spec)
+            if conflict is not None and committed_rows == 0:
+                # nothing of it was ever committed (an open that failed, a crash before the
+                # first commit): start the series again rather than refuse the run for good
+                del run_group[spec.path]
+            elif conflict is not None:
+                raise ShapeChangedError(conflict)
+        if spec.path in run_group:
+            group = run_group[spec.path]
             self.value, self.step = group["value"], group["step"]
-            if tuple(self.value.shape[1:]) != tuple(spec.row_shape):
-                raise ShapeChangedError(
-                    f"Series {spec.path!r} holds rows of shape {tuple(self.value.shape[1:])}; "
-                    f"got rows of shape {tuple(spec.row_shape)}. Record into a new run."
-                )
-            old_tensors = group.attrs.get("tensors")
-            new_tensors = spec.attrs.get("tensors")
-            if old_tensors is not None and new_tensors is not None and old_tensors != new_tensors:
-                raise ShapeChangedError(
-                    f"Series {spec.path!r} was recorded with other tensors; "
-                    "the model's parameters changed. Record into a new run."
-                )
-            old_sketch, new_sketch = group.attrs.get("sketch"), spec.attrs.get("sketch")
-            if old_sketch != new_sketch:
-                raise ShapeChangedError(
-                    f"Series {spec.path!r} was recorded with sketch {old_sketch}; got "
-                    f"{new_sketch}: its columns would mean something else. Record into a new run."
-                )
             self.written = min(committed_rows, self.value.shape[0], self.step.shape[0])
             self.value.resize((self.written, *spec.row_shape))  # drop uncommitted rows
             self.step.resize((self.written,))
@@ -133,10 +144,7 @@ class SeriesWriter:
                 dimension_names=("step",),
             )
             for name, (dim, values) in spec.coords.items():
-                values = np.asarray(values)
-                group.create_array(
-                    name, data=values, chunks=values.shape, dimension_names=(dim,), compressors=None
-                )
+                _create_coord(group, name, dim, values)
             self.written = 0
             self.last_step = None
         self.group = group
@@ -150,7 +158,35 @@ class SeriesWriter:
         self.buffer = np.empty((self.chunk_steps, *spec.row_shape), dtype=dtype)
         self.buffer_steps = np.empty(self.chunk_steps, dtype=np.int64)
         self.pending = 0
-        self.nonfinite_steps: list[int] = []
+        self.nonfinite_steps: list[int] = []  # not yet committed, at most NONFINITE_LIMIT
+        self.nonfinite_count = 0  # not yet committed, all of them
+
+    @staticmethod
+    def _conflict(group, spec) -> str | None:
+        """Why the stored series cannot take rows of ``spec``, or None when it can."""
+        arrays = dict(group.arrays())
+        if "value" not in arrays or "step" not in arrays:
+            return f"Series {spec.path!r} is incomplete (no value or step array)."
+        shape = tuple(arrays["value"].shape[1:])
+        if shape != tuple(spec.row_shape):
+            return (
+                f"Series {spec.path!r} holds rows of shape {shape}; "
+                f"got rows of shape {tuple(spec.row_shape)}. Record into a new run."
+            )
+        old_tensors = group.attrs.get("tensors")
+        new_tensors = spec.attrs.get("tensors")
+        if old_tensors is not None and new_tensors is not None and old_tensors != new_tensors:
+            return (
+                f"Series {spec.path!r} was recorded with other tensors; "
+                "the model's parameters changed. Record into a new run."
+            )
+        old_sketch, new_sketch = group.attrs.get("sketch"), spec.attrs.get("sketch")
+        if old_sketch != new_sketch:
+            return (
+                f"Series {spec.path!r} was recorded with sketch {old_sketch}; got "
+                f"{new_sketch}: its columns would mean something else. Record into a new run."
+            )
+        return None
 
     def _check_steps(self, steps):
         if steps.size == 0:
@@ -173,7 +209,10 @@ class SeriesWriter:
             suspect = ~np.isfinite(rows.sum(axis=1))
         if suspect.any():
             finite = np.isfinite(rows[suspect]).all(axis=1)
-            self.nonfinite_steps.extend(int(s) for s in steps[suspect][~finite])
+            flagged = steps[suspect][~finite]
+            room = NONFINITE_LIMIT - len(self.nonfinite_steps)
+            self.nonfinite_steps.extend(int(s) for s in flagged[: max(0, room)])
+            self.nonfinite_count += len(flagged)
 
     def _write(self, steps, rows):
         start, stop = self.written, self.written + len(steps)
@@ -245,6 +284,9 @@ class RunWriter:
         path = layout.run_path(run_id)
         directory = local_path(url)
         self.directory = None if directory is None else directory / path
+        self._root, self._path = root, path
+        self._refuse_nesting(root)  # before the lock, which creates the run's directory
+        made = self._missing_directories()
         self.lock = RunLock(
             self.url,
             run_id,
@@ -255,6 +297,7 @@ class RunWriter:
             self._open_run(root, path, metadata, resume)
         except BaseException:
             self.lock.release()
+            _remove_empty(made)
             raise
         self.series: dict[str, SeriesWriter] = {}
         self.closed = False
@@ -271,10 +314,19 @@ class RunWriter:
             return ""
         return f"process {writer.get('pid')} on {writer.get('host')} since {writer.get('since')}"
 
+    def _missing_directories(self) -> list:
+        """The run's directory and those of its parents that do not exist yet, deepest first."""
+        missing, directory = [], self.directory
+        while directory is not None and not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        return missing
+
     def _open_run(self, root, path, metadata, resume):
         writer = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
-        self._refuse_nesting(root)
+        self._refuse_nesting(root)  # again under the lock: a parent run may have appeared
         self._original_attrs = None
+        self._new_groups = []  # groups this writer created, deepest first (see ``discard``)
         if path in root:
             self.group = root[path]
             self.attrs = self.group.attrs.asdict()
@@ -294,6 +346,12 @@ class RunWriter:
                 if metadata.get(key):
                     self.attrs[key] = metadata[key]
         else:
+            parts = path.split("/")
+            self._new_groups = [
+                "/".join(parts[:depth])
+                for depth in range(len(parts), 1, -1)  # below runs/, deepest first
+                if "/".join(parts[:depth]) not in root
+            ]
             self.group = root.create_group(path)
             self.attrs = {
                 layout.NAMESPACE: layout.node_block("run"),
@@ -352,11 +410,18 @@ class RunWriter:
         for path, series in self.series.items():
             series.write_pending()
             self.attrs["committed_steps"][path] = series.written
-            if series.nonfinite_steps:
-                flagged = self.attrs.setdefault("nonfinite", {}).setdefault(path, [])
-                flagged.extend(series.nonfinite_steps)
-                series.nonfinite_steps = []
+            if series.nonfinite_count:
+                self._flag_nonfinite(path, series.nonfinite_steps, series.nonfinite_count)
+                series.nonfinite_steps, series.nonfinite_count = [], 0
         self._save_attrs()
+
+    def _flag_nonfinite(self, path, steps, count):
+        """List the first NONFINITE_LIMIT flagged steps of a series and count all of them, so
+        a run that diverged does not rewrite an ever longer list at every commit."""
+        flagged = self.attrs.setdefault("nonfinite", {}).setdefault(path, [])
+        counts = self.attrs.setdefault("nonfinite_count", {})
+        counts[path] = int(counts.get(path, len(flagged))) + int(count)  # older runs: no count
+        flagged.extend(steps[: max(0, NONFINITE_LIMIT - len(flagged))])
 
     def set(self, **attrs) -> None:
         """Update run attributes (written at the next commit)."""
@@ -415,8 +480,38 @@ class RunWriter:
         finally:
             self.lock.release()
 
+    def discard(self) -> None:
+        """Release the run after its opening failed, leaving the store as it was.
+
+        A run this writer created and never committed to is removed, with the groups of runs
+        created for it, so the run id stays usable; any other run is left as ``abandon`` leaves
+        it.
+        """
+        if self.closed or self._original_attrs is not None or self._committed:
+            self.abandon()
+            return
+        self.closed = True
+        try:
+            for group in self._new_groups:
+                if group == self._path or not any(True for _ in self._root[group].members()):
+                    del self._root[group]
+        except Exception:  # the store refuses: fall back to marking the run interrupted
+            self.closed = False
+            self.abandon()
+        finally:
+            self.lock.release()
+
     def _guard(self):
         return _WriteGuard(self.url, self.run_id, self._mutex)
+
+
+def _remove_empty(directories) -> None:
+    """Remove the directories a refused writer created, deepest first, while they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 class _WriteGuard:

@@ -9,6 +9,11 @@ computes the distance matrix among all spectra once and, for each pair of condit
 passes the sub-matrix of that pair (``D[np.ix_(idx, idx)]``) and its labels, so no
 distance is computed twice. ``"eigen-swap"`` works on single eigenvalues, not on
 distances between spectra, and has only ``run``.
+
+Two optional class attributes describe a test to the pipeline: ``calibrated`` (True when
+``p_value`` is a valid p-value, the default for tests without it; ``"bootstrap"`` and
+``"eigen-swap"`` give uncalibrated scores, which are reported as such and not
+Holm-corrected) and ``null_label`` (what the ``null`` draws are, for figures).
 """
 
 import koopkit

@@ -9,7 +9,7 @@ import numpy as np
 from koopkit.errors import EstimationError
 from koopkit.results import TestResult
 
-from ._params import check_positive_int
+from ._params import check_positive_int, check_seed
 from .distances import DistanceTest, check_distances, condition_mask
 
 __all__ = ["BootstrapTest"]
@@ -35,14 +35,16 @@ class BootstrapTest(DistanceTest):
     distance :math:`\\bar D_{AB}`; the interval is the :math:`(1 \\mp \\text{level})/2`
     percentiles of its draws, which are returned as ``null``.
 
-    ``p_value`` is the fraction of draws in which the mean between distance does not
+    ``p_value`` is the share of draws in which the mean between distance does not
     exceed the mean within-condition distance (pairs of distinct spectra in the same
-    condition, pooled over both), :math:`\\Pr^*(\\bar D^*_{AB} - \\bar D^*_{within} \\le 0)`.
-    It measures how robust the separation is to which runs were drawn: small means
-    almost every resample puts the conditions farther apart than runs within a condition.
-    It is not a calibrated test of exchangeability; use ``"permutation"`` for that. Draws
-    with no within pair (every resampled run the same one, in both conditions) are left
-    out of it.
+    condition, pooled over both), counted as :math:`(1 + h) / (1 + m)` for :math:`h` such
+    draws among :math:`m`, so that it is never exactly 0. It estimates
+    :math:`\\Pr^*(\\bar D^*_{AB} - \\bar D^*_{within} \\le 0)` and measures how robust the
+    separation is to which runs were drawn: small means almost every resample puts the
+    conditions farther apart than runs within a condition. It is not a calibrated test of
+    exchangeability (``calibrated = False``: the pipeline does not Holm-correct it); use
+    ``"permutation"`` for that. Draws with no within pair (every resampled run the same
+    one, in both conditions) are left out of it.
 
     Like :class:`PermutationTest`, :meth:`run` computes the distance matrix once and
     :meth:`run_on_distances` does the rest by index work; memory is
@@ -58,8 +60,12 @@ class BootstrapTest(DistanceTest):
     level: float = 0.95
     seed: int = 0
 
+    calibrated = False  # a robustness score, not a p-value with a size guarantee
+    null_label = "bootstrap draws of the mean between distance"
+
     def __post_init__(self):
         check_positive_int("n_boot", self.n_boot)
+        check_seed(self.seed)
         if not 0 < self.level < 1:
             raise EstimationError(f"Invalid level {self.level!r}; expected a number in (0, 1).")
 
@@ -85,12 +91,12 @@ class BootstrapTest(DistanceTest):
         pairs = pairs_a + pairs_b
         defined = pairs > 0
         gap = between[defined] - (sum_a + sum_b)[defined] / pairs[defined]
-        p = float(np.mean(gap <= 0)) if gap.size else float("nan")
+        p = (1 + np.count_nonzero(gap <= 0)) / (1 + gap.size) if gap.size else float("nan")
         tails = [(1 - self.level) / 2, (1 + self.level) / 2]
         low, high = np.quantile(between, tails)
         observed = float(d[np.ix_(a, b)].mean())
         return TestResult(
-            observed, p, between, n_perm=self.n_boot, interval=(float(low), float(high))
+            observed, float(p), between, n_perm=self.n_boot, interval=(float(low), float(high))
         )
 
 

@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from koopkit.errors import EstimationError, InsufficientDataError
 from koopkit.results import Spectrum, TestResult
 
-from ._params import check_positive_int
+from ._params import check_positive_int, check_seed
 from .distances import distance_matrix, two_conditions
 
 __all__ = ["EigenSwapControl"]
@@ -42,7 +42,9 @@ class EigenSwapControl:
     still exists and :math:`W_{shuffle} \\le W_{true}` always: p is the fraction of swaps
     after which re-matching cannot lower the cost. It is one-sided by construction. A large
     p means interleaved spectra (no evidence of non-conjugacy), a small p separated ones.
-    It is not a two-sample test and has no size guarantee; use ``"permutation"`` for that.
+    It is not a two-sample test and has no size guarantee (``calibrated = False``: the
+    pipeline reports it as an uncalibrated score and does not Holm-correct it; it can be
+    exactly 0); use ``"permutation"`` for a p-value.
 
     The ground cost comes from the metric between single eigenvalues,
     :math:`c(\\lambda, \\mu) = \\mathrm{metric}(\\{\\lambda\\}, \\{\\mu\\})`: ``|lambda - mu|``
@@ -67,8 +69,12 @@ class EigenSwapControl:
     n_shuffles: int = 100
     seed: int = 0
 
+    calibrated = False  # the paper's fraction, not a p-value with a size guarantee
+    null_label = "W_shuffle (matching cost after random swaps)"
+
     def __post_init__(self):
         check_positive_int("n_shuffles", self.n_shuffles)
+        check_seed(self.seed)
 
     def run(self, groups, metric) -> TestResult:
         """Run the control on two conditions.
@@ -85,18 +91,20 @@ class EigenSwapControl:
         rng = np.random.default_rng(self.seed)
         statistics, nulls, hits = [], [], 0
         for a, b in zip(first, second, strict=True):
-            w_true, w_shuffle = self._shuffle(a, b, metric, rng)
+            w_true, w_shuffle, scale = self._shuffle(a, b, metric, rng)
             # Every W_shuffle <= W_true; "equal" means the swap cannot lower the cost. The
             # fresh assignment sums the same pair costs in another order, so equality holds
-            # only up to rounding (the original relied on bit-identical sums).
-            hits += np.count_nonzero(w_true <= w_shuffle + 1e-12 * max(1.0, w_true))
+            # only up to rounding (the original relied on bit-identical sums), and that
+            # rounding is relative to the costs: so is the tolerance, and the fraction does
+            # not depend on the unit of the eigenvalues.
+            hits += np.count_nonzero(w_true <= w_shuffle + 1e-12 * scale)
             statistics.append(w_true)
             nulls.append(w_shuffle)
         null = np.concatenate(nulls)
         return TestResult(float(np.mean(statistics)), hits / null.size, null, n_perm=null.size)
 
-    def _shuffle(self, a, b, metric, rng) -> tuple[float, np.ndarray]:
-        """``W_true`` and the ``n_shuffles`` values of ``W_shuffle`` for one pair."""
+    def _shuffle(self, a, b, metric, rng) -> tuple[float, np.ndarray, float]:
+        """``W_true``, the ``n_shuffles`` values of ``W_shuffle`` and the largest pair cost."""
         k = a.eigenvalues.size
         cost = distance_matrix(_singletons(a) + _singletons(b), metric)
         between = cost[:k, k:]
@@ -111,7 +119,7 @@ class EigenSwapControl:
             shuffled = cost[np.ix_(rows, cols)]
             r, c = linear_sum_assignment(shuffled)
             w_shuffle[t] = shuffled[r, c].mean()
-        return w_true, w_shuffle
+        return w_true, w_shuffle, float(cost.max())
 
 
 def _paired_spectra(groups) -> tuple[list, list]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from koopkit.results import TestResult
 
-from ._params import check_positive_int
+from ._params import check_positive_int, check_seed
 from .distances import DistanceTest, check_distances, condition_mask
 
 __all__ = ["PermutationTest"]
@@ -62,8 +62,12 @@ class PermutationTest(DistanceTest):
     n_perm: int = 10_000
     seed: int = 0
 
+    calibrated = True  # a valid p-value: P(p <= alpha) <= alpha under the null
+    null_label = "between − within distance, relabelled"
+
     def __post_init__(self):
         check_positive_int("n_perm", self.n_perm)
+        check_seed(self.seed)
 
     def run_on_distances(self, distances, labels) -> TestResult:
         """Test two conditions given the distances among their spectra.
@@ -85,8 +89,10 @@ class PermutationTest(DistanceTest):
         observed = float(_statistic(d, in_a[None, :])[0])
         # Tolerance: an arrangement with the same statistic (e.g. the label swap) can
         # differ from the observed one in the last bits because its sums are formed in a
-        # different order; it must still count as "at least as extreme".
-        threshold = observed - 1e-12 * max(1.0, abs(observed))
+        # different order; it must still count as "at least as extreme". The rounding is
+        # relative to the distances, so the tolerance is too: the p-value does not depend
+        # on the unit the distances are measured in.
+        threshold = observed - 1e-12 * max(abs(observed), float(d.max()))
         n_arrangements = math.comb(n, n_a)
         exact = n_arrangements <= self.n_perm
         if exact:

@@ -93,8 +93,10 @@ class LogWasserstein(Wasserstein):
     The logarithm is the principal branch, :math:`\\log|\\lambda| + i \\arg\\lambda` with
     :math:`\\arg \\in (-\\pi, \\pi]`, so :math:`\\log(\\lambda^k)/k = \\log\\lambda` only while
     :math:`k|\\arg\\lambda| < \\pi`. Eigenvalues near the negative real axis sit on the
-    branch cut: two close ones on either side land :math:`2\\pi/dt` apart. A zero eigenvalue
-    has no logarithm and is an error.
+    branch cut: two close ones on either side land :math:`2\\pi/dt` apart. A real negative
+    eigenvalue is put on the upper side (argument :math:`+\\pi`) whatever the sign of its
+    zero imaginary part, so equal spectra are at distance 0. A zero eigenvalue has no
+    logarithm and is an error.
     """
 
     dt: float = 1.0
@@ -112,4 +114,7 @@ class LogWasserstein(Wasserstein):
                 f"Invalid spectrum {arg!r}: eigenvalue 0 at index {int(zero[0])} has no "
                 "logarithm; expected nonzero eigenvalues (truncate the rank to drop them)."
             )
-        return np.log(values) / self.dt
+        # -0.0 + 0.0 == +0.0: a real negative eigenvalue whose imaginary part is a negative
+        # zero (from conj, sorting, a round trip) takes the same side of the cut as its
+        # +0.0 twin, so equal spectra stay at distance 0.
+        return np.log(values + 0j) / self.dt
