@@ -172,7 +172,9 @@ def step_interval(store, run_id: str, series: str = "params") -> int | None:
         shown = ", ".join(str(int(g)) for g in gaps[:5]) + (", ..." if gaps.size > 5 else "")
         raise SelectionError(
             f"Expected the rows of {series!r} in run {run_id!r} at one step interval. Got "
-            f"intervals {shown} instead; a spectrum needs equally spaced snapshots."
+            f"intervals {shown} instead; a spectrum needs equally spaced snapshots: estimate "
+            "equally spaced steps in Python, koopkit.estimate(run['params']['value']"
+            ".sel(step=steps))."
         )
     return int(gaps[0])
 
@@ -206,7 +208,8 @@ def estimate_groups(
         try:
             spectrum = est.fit(trajectories)
         except EstimationError as exc:  # the same error, naming the runs it concerns
-            raise type(exc)(f"Runs {list(group.runs)}: {exc}") from exc
+            exc.args = (f"Runs {list(group.runs)}: {exc}", *exc.args[1:])
+            raise
         except KoopkitError:
             raise
         except Exception as exc:

@@ -608,6 +608,22 @@ def test_auto_full_rank_gives_the_direct_svds_eigenvalues(rng, smallest, method)
     assert spectrum.meta["method"] == method
 
 
+@pytest.mark.parametrize(("dtype", "rank"), [(np.float32, 4), (np.float16, 3)])
+def test_weights_with_a_large_mean_keep_modes_above_their_actual_rounding(rng, dtype, rank):
+    """Weights of about 0.05 moving by less: the centered modes sit far below the worst-case
+    rounding ``u ||Z||_F`` of the uncentered data, but far above its actual rounding."""
+    features, steps = 20_000, 300
+    eigenvalues = np.array([0.99, 0.9, 0.7, 0.5])
+    weights = np.array([1, 0.5, 0.1, 3e-4])[:rank] * np.sqrt(features) * 0.01
+    basis = np.linalg.qr(rng.standard_normal((features, rank)))[0]
+    motion = (basis * weights) @ (eigenvalues[:rank, None] ** np.arange(steps))
+    data = (motion.T + 0.05 * rng.standard_normal(features)).astype(dtype)
+    for method in ("auto", "svd"):
+        for rule in (rank, None):
+            spectrum = DMD(rank=rule, center=True, method=method).fit(data)
+            assert_same_eigenvalues(spectrum.eigenvalues, eigenvalues[:rank], atol=1e-3)
+
+
 def test_the_gram_method_keeps_only_what_the_gram_resolves(rng):
     eigenvalues = [0.99, 0.9, 0.5, -0.3]
     data = decaying_modes(rng, eigenvalues, [1, 1, 1, 1], 500, steps=60)

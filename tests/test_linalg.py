@@ -293,7 +293,7 @@ def test_full_rank_rule_follows_the_datas_precision(rng):
     data = (rng.standard_normal((60, 7)) @ rng.standard_normal((7, 40))).astype(np.float32)
     s = np.linalg.svd(data.astype(np.float64), compute_uv=False)
     assert select_rank(s, None, data.shape) > 7  # float32 rounding read as signal
-    noise = rounding_noise(float(np.finfo(np.float32).eps), float(np.linalg.norm(data)))
+    noise = rounding_noise(float(np.finfo(np.float32).eps), float(np.linalg.norm(data)), data.shape)
     assert select_rank(s, None, data.shape, noise=noise) == 7
 
 
@@ -304,15 +304,16 @@ def test_rounding_noise_does_not_grow_with_the_features():
     nothing.
     """
     s = np.array([1.0, 8.6e-2, 1.3e-2, 1.3e-3, 5.4e-9, 5.3e-9])
-    noise = rounding_noise(float(np.finfo(np.float32).eps), float(np.linalg.norm(s)))
-    assert select_rank(s, None, (10_000_000, 30), noise=noise) == 4
-    assert select_rank(s, 0.999999999, (10_000_000, 30), noise=noise) == 4
-    assert select_rank(s, "gd", (10_000_000, 30), noise=noise) <= 4
+    shape = (10_000_000, 30)
+    noise = rounding_noise(float(np.finfo(np.float32).eps), float(np.linalg.norm(s)), shape)
+    assert select_rank(s, None, shape, noise=noise) == 4
+    assert select_rank(s, 0.999999999, shape, noise=noise) == 4
+    assert select_rank(s, "gd", shape, noise=noise) <= 4
 
 
 def test_a_fixed_rank_into_the_rounding_noise_is_refused():
     s = np.array([1.0, 0.5, 1e-9, 1e-10])
-    noise = rounding_noise(float(np.finfo(np.float32).eps), float(np.linalg.norm(s)))
+    noise = rounding_noise(float(np.finfo(np.float32).eps), float(np.linalg.norm(s)), (1000, 4))
     assert select_rank(s, 2, (1000, 4), noise=noise) == 2
     with pytest.raises(EstimationError, match=r"Expected rank at most 2: the data have 2 singular"):
         select_rank(s, 3, (1000, 4), noise=noise)

@@ -32,18 +32,21 @@ GRAM_RELATIVE_ACCURACY = np.finfo(np.float64).eps / EIGENVALUE_ACCURACY
 :data:`EIGENVALUE_ACCURACY`: singular values below about 1.5e-4 of the largest."""
 
 
-def gram_noise(gram_scale: float) -> float:
-    """The singular value below which a Gram of scale ``gram_scale`` is not trusted.
+def gram_noise(gram_scale: float, steps: int) -> float:
+    """The singular value below which a Gram of scale ``gram_scale`` (T x T) holds rounding.
 
-    ``gram_scale`` bounds the largest eigenvalue of the Gram the values come from (its
-    Frobenius norm, uncentered: centering ``P G P`` cancels digits of the uncentered ``G``).
+    Forming and factoring ``G`` errs by about ``T eps ||G||`` (with a margin of 10), so its
+    singular values below the square root of that are noise. ``gram_scale`` bounds the
+    largest eigenvalue of the Gram the values come from (its Frobenius norm, uncentered:
+    centering ``P G P`` cancels digits of the uncentered ``G``).
     """
-    return float(np.sqrt(GRAM_RELATIVE_ACCURACY * gram_scale))
+    return float(np.sqrt(10 * steps * np.finfo(np.float64).eps * gram_scale))
 
 
 def gram_accuracy_lost(singular_values: np.ndarray, gram_scale: float) -> bool:
-    """True when the smallest kept singular value is below what the Gram resolves."""
-    return bool(singular_values[-1] < gram_noise(gram_scale))
+    """True when the smallest kept singular value gives eigenvalues off by more than
+    :data:`EIGENVALUE_ACCURACY` from the Gram (see :data:`GRAM_RELATIVE_ACCURACY`)."""
+    return bool(singular_values[-1] ** 2 < GRAM_RELATIVE_ACCURACY * gram_scale)
 
 
 def cholesky_qr(

@@ -6,10 +6,14 @@ hard threshold for unknown noise, ``None`` every singular value above the data's
 noise. No rule keeps a singular value at or below that noise: its direction is rounding
 error, and its eigenvalue would be too.
 
-The noise floor is ``10 u ||Z||_F`` for data of relative precision ``u``: rounding every
-entry moves the singular values by at most ``||E||_2 <= u ||Z||_F``, whatever the number of
-features (``numpy.linalg.matrix_rank``'s ``max(shape) u s_max`` grows with the features and,
-for float32 data, passes ``s_max`` itself at 8.4 million of them).
+The noise floor is ``10 (u / sqrt 3) ||Z||_F (1 / sqrt(n) + 1 / sqrt(T))`` for n features, T
+snapshots and data of relative precision ``u``: independent roundings of entries of similar
+size make a random matrix whose spectral norm is about ``(u / sqrt 3) rms(Z) (sqrt n +
+sqrt T)`` (and never less than float64's arithmetic error, ``10 eps ||Z||_F``). It does
+not grow with the features, as ``numpy.linalg.matrix_rank``'s
+``max(shape) u s_max`` does (which, for float32 data, passes ``s_max`` itself at 8.4 million
+features), and it is hundreds of times below the worst case ``u ||Z||_F``, which refused
+modes of float32 weights far above their actual rounding.
 """
 
 from __future__ import annotations
@@ -47,12 +51,20 @@ def check_rank_rule(rank) -> None:
 
 
 ROUNDING_NOISE_FACTOR = 10.0
-"""Margin of the noise floor over the rounding bound ``u ||Z||_F``, for the arithmetic too."""
+"""Margin of the noise floor over the expected spectral norm of the rounding errors."""
 
 
-def rounding_noise(rounding_unit: float, frobenius_norm: float) -> float:
-    """The singular value below which data of precision ``rounding_unit`` hold only noise."""
-    return ROUNDING_NOISE_FACTOR * rounding_unit * frobenius_norm
+def rounding_noise(rounding_unit: float, frobenius_norm: float, shape: tuple[int, int]) -> float:
+    """The singular value below which data of precision ``rounding_unit``, Frobenius norm
+    ``frobenius_norm`` and ``shape`` (features, snapshots) hold only rounding noise.
+
+    Never below ``10 eps ||Z||_F``: the float64 arithmetic of the factorization errs by that
+    much whatever the data's precision.
+    """
+    spread = 1 / np.sqrt(max(shape[0], 1)) + 1 / np.sqrt(max(shape[1], 1))
+    stored = rounding_unit / np.sqrt(3) * spread
+    arithmetic = float(np.finfo(np.float64).eps)
+    return float(ROUNDING_NOISE_FACTOR * max(stored, arithmetic) * frobenius_norm)
 
 
 def select_rank(
@@ -82,7 +94,8 @@ def select_rank(
     """
     s = np.asarray(singular_values, dtype=np.float64)[: min(shape)]
     if noise is None:
-        noise = rounding_noise(float(np.finfo(np.float64).eps), float(np.sqrt(np.sum(s**2))))
+        norm = float(np.sqrt(np.sum(s**2)))
+        noise = rounding_noise(float(np.finfo(np.float64).eps), norm, shape)
     resolved = int(np.count_nonzero(s > noise))
     if resolved == 0:
         return 0

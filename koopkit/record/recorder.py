@@ -277,9 +277,9 @@ class Recorder:
     on_error : {"raise", "warn"}
         A failed write raises at the next ``step`` (default), or warns once and stops recording.
     flush_every_s : float or None
-        Longest time (seconds) a captured row waits on the host before it is written and
-        committed, even if its chunk row is not full; a sparse schedule would otherwise keep
-        its last snapshots in memory until enough arrive. None waits for full chunk rows.
+        Seconds after which captured rows are written and committed even if their chunk row
+        is not full, checked at each ``rec.step``; a sparse schedule would otherwise keep its
+        last snapshots in memory until enough arrive. None waits for full chunk rows.
     max_inflight_bytes : int
         Host memory for snapshots not yet written, shared by all vector series (params,
         grads, probes) in proportion to their row size; it sets the chunk depth and buffer

@@ -11,9 +11,10 @@ Each reduces the trajectories to T x T objects (see :mod:`koopkit_dmd.exact`), c
   singular value is too small for the Gram to give its eigenvalues to 1e-8 (about 1.5e-4 of
   the largest; :func:`koopkit.linalg.gram_accuracy_lost`).
 
-No rank rule keeps a singular value at or below the data's rounding noise (``10 u ||Z||_F``
-for precision ``u``; :func:`koopkit.linalg.select_rank`), and ``"gram"`` none below what the
-Gram resolves; an int rank that would is refused.
+No rank rule keeps a singular value at or below the data's rounding noise (about ten times
+the spectral norm of the rounding errors of data of its precision;
+:func:`koopkit.linalg.rounding_noise`), and ``"gram"`` none below what the Gram resolves; an
+int rank that would is refused.
 """
 
 from __future__ import annotations
@@ -132,22 +133,23 @@ class _Estimator:
         """
         if method != "gram" or self.method != "auto":
             return method, estimate(method)
+        scale = self._gram_scale(get_gram())  # its own errors (NaN, range) are final
         try:
             result = estimate(method)
             dmd = result[0]
-            if dmd is not None and not gram_accuracy_lost(
-                dmd.singular_values, self._gram_scale(get_gram())
-            ):
+            if dmd is not None and not gram_accuracy_lost(dmd.singular_values, scale):
                 return method, result
-        except EstimationError:  # an int rank beyond what the Gram resolves, or none at all
-            pass
+        except EstimationError as exc:
+            if type(exc) is not EstimationError:  # not a rank refusal: no factor changes it
+                raise
         return "qr", estimate("qr")
 
     def _rounding_noise(self, trajectories: Trajectories, norm: float) -> float:
         """Rounding noise of the (delay-embedded) snapshots of uncentered Frobenius norm
         ``norm``: centering removes the scale, not the rounding of the stored values."""
         embedded = np.sqrt(self.delays + 1) * norm  # a snapshot is in up to delays + 1 windows
-        return rounding_noise(trajectories.rounding_unit, embedded)
+        shape = (trajectories.features, trajectories.steps)
+        return rounding_noise(trajectories.rounding_unit, embedded, shape)
 
     def _gram_scale(self, gram: np.ndarray) -> float:
         """Bound on the largest eigenvalue of the (delay-embedded) Gram."""
@@ -201,7 +203,8 @@ class DMD(_Estimator):
     rank : int, float in (0, 1), "gd" or None
         Singular values of ``X`` kept: that many, that fraction of the energy, the
         Gavish-Donoho optimal hard threshold, or all above the data's rounding noise
-        (``10 u ||Z||_F`` for data of precision ``u``, 1.2e-7 for float32).
+        (:func:`koopkit.linalg.rounding_noise`, for the precision of the data: float32 data
+        are no more precise for being computed in float64).
     center : bool
         Subtract each feature's mean over all snapshots first (done on the small factor or
         Gram: no second pass).
@@ -292,7 +295,7 @@ class DMD(_Estimator):
             gram = get_gram()
             noise = self._rounding_noise(trajectories, np.sqrt(np.trace(gram)))
             if self.method == "gram":
-                noise = max(noise, gram_noise(self._gram_scale(gram)))
+                noise = max(noise, gram_noise(self._gram_scale(gram), len(gram)))
             if self.center:
                 gram = center_gram(gram)
             if delays:
@@ -302,10 +305,12 @@ class DMD(_Estimator):
                     gram, lengths, self.rank, features, noise=noise, **options
                 )
             except EstimationError as exc:
-                raise type(exc)(
-                    f"{exc} With method='gram' that noise is the Gram's; method='qr' "
-                    "resolves singular values to the data's precision."
-                ) from None
+                if type(exc) is EstimationError and self.method == "gram":  # a rank refused
+                    exc.args = (
+                        f"{exc} With method='gram' that noise is the Gram's; method='qr' "
+                        "resolves singular values to the data's precision.",
+                    )
+                raise
         factor = self._raw_factor(trajectories, method, get_gram)
         noise = self._rounding_noise(trajectories, _frobenius(factor))
         if self.center:
@@ -490,7 +495,7 @@ class PCAHankelDMD(_Estimator):
                 if gram_accuracy_lost(singular_values[:k], _frobenius(get_gram())):
                     return None, None
             else:
-                noise = max(noise, gram_noise(self._gram_scale(get_gram())))
+                noise = max(noise, gram_noise(self._gram_scale(get_gram()), trajectories.steps))
         if self.center:
             scores = singular_values[:k, None] * right[:k]
         else:
