@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from .strict_json import json_safe
+
 __all__ = ["Spectrum", "TestResult", "json_safe"]
-
-
-def json_safe(value):
-    """``value`` with NaN and Inf floats replaced by None and numpy values made Python ones.
-
-    Strict JSON has no NaN or Infinity, so machine output maps them to ``null``; dicts,
-    lists, tuples and numpy arrays are converted recursively.
-    """
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return json_safe(value.tolist())
-    return value
 
 
 def _readonly(array, dtype):

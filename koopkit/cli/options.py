@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 
 import click
+
+from ..strict_json import json_safe
 
 store_argument = click.argument("store", metavar="STORE")
 json_option = click.option(
@@ -43,17 +44,4 @@ def parse_pairs(items, what: str = "--tag") -> dict:
 
 def print_json(data) -> None:
     """Strict JSON on stdout: NaN and Infinity become ``null`` (``allow_nan=False`` guards it)."""
-    click.echo(json.dumps(_strict(data), indent=2, default=str, allow_nan=False))
-
-
-def _strict(value):
-    """NaN and Inf floats as None, numpy values as Python ones (without importing numpy)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(item) for item in value]
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _strict(value.tolist())
-    return value
+    click.echo(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False))
