@@ -38,6 +38,16 @@ def test_import_koopkit_leaves_heavy_libraries_out(run_python):
     assert {"Recorder", "open_store", "open_run", "log_steps"} <= set(out["names"])
 
 
+def test_probe_is_exported_lazily(run_python):
+    code = (
+        "import sys, koopkit; print('torch' in sys.modules, 'Probe' in koopkit.__all__); "
+        "from koopkit.record.recorder import Probe; print(koopkit.Probe is Probe)"
+    )
+    proc = run_python("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "True"]
+
+
 def test_public_names_load_on_first_access(run_python):
     code = (
         "import sys, koopkit; f = koopkit.open_store; "

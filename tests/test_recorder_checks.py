@@ -262,17 +262,3 @@ def test_one_element_scalars_of_every_kind_are_logged(memory_url, tiny_model):
             rec.step(x=value)
     store = koopkit.open_store(memory_url)
     np.testing.assert_array_equal(np.asarray(store.array("r", "scalars/x")), [1.5, 2.5, 3.5, 1, 5])
-
-
-# --------------------------------------------------------------------------------------------
-# public names
-
-
-def test_probe_is_exported_lazily(run_python):
-    code = (
-        "import sys, koopkit; print('torch' in sys.modules, 'Probe' in koopkit.__all__); "
-        "from koopkit.record.recorder import Probe; print(koopkit.Probe is Probe)"
-    )
-    proc = run_python("-c", code)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["False", "True", "True"]
