@@ -35,7 +35,21 @@ def estimate(trajectories, estimator: str = "dmd", **params) -> Spectrum:
 
 def distance(a: Spectrum, b: Spectrum, metric: str = "wasserstein", **params) -> float:
     """Distance between two spectra with a registered metric."""
-    return float(create("metric", metric, **params)(a, b))
+    from .errors import EstimationError, PluginError
+
+    for name, spectrum in (("a", a), ("b", b)):
+        if not isinstance(spectrum, Spectrum):
+            raise EstimationError(
+                f"Invalid spectrum {name!r}: got {type(spectrum).__name__}; expected a "
+                "koopkit.Spectrum, as koopkit.estimate returns."
+            )
+    value = create("metric", metric, **params)(a, b)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise PluginError(
+            f"Metric {metric!r} returned {type(value).__name__}; expected a float."
+        ) from None
 
 
 def compare(store, by: str, **options):

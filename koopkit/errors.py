@@ -8,6 +8,7 @@ __all__ = [
     "ValidationError",
     "RunNotFoundError",
     "InvalidRunIdError",
+    "InvalidTagError",
     "RunLockedError",
     "RunExistsError",
     "WriteFailedError",
@@ -59,6 +60,10 @@ class RunNotFoundError(StoreError, KeyError):
 
 class InvalidRunIdError(StoreError, ValueError):
     """Raised when a run id could escape the store or is not a plain relative name."""
+
+
+class InvalidTagError(StoreError, ValueError):
+    """Raised when a tag could not be stored as the run schema requires (a JSON scalar)."""
 
 
 class RunLockedError(StoreError):

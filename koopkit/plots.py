@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 
+MARKERS = "o^sDvP*X<>"
+"""Markers cycled once the colour cycle runs out, so many conditions stay distinguishable."""
 
-def _pyplot():
+
+def _figure(**kwargs):
+    """A figure outside pyplot: it renders headless and leaves the caller's backend and
+    open figures alone (``matplotlib.use`` would switch a notebook's backend)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _style(k: int) -> dict:
+    """Colour and marker of the ``k``-th label: a new marker after every colour cycle."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {"color": colors[k % len(colors)], "marker": MARKERS[k // len(colors) % len(MARKERS)]}
 
 
 def _unit_circle(ax):
@@ -28,31 +38,31 @@ def plot_spectra(
     labelled_spectra, path, title="Koopman eigenvalues", zoom=True, legend_title="condition"
 ):
     """Eigenvalues per label with the unit circle; a zoomed panel near λ = 1."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11 if zoom else 5.5, 5), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = _figure(figsize=(11 if zoom else 5.5, 5))
+    axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)
     labels = list(dict.fromkeys(label for label, _ in labelled_spectra))
     for ax in axes[0]:
         _unit_circle(ax)
         for label, spectrum in labelled_spectra:
-            color = colors[labels.index(label) % len(colors)]
             z = spectrum.eigenvalues
-            ax.scatter(z.real, z.imag, s=18, color=color, alpha=0.7, label=str(label))
+            style = _style(labels.index(label))
+            ax.scatter(z.real, z.imag, s=18, alpha=0.7, label=str(label), **style)
     handles, names = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))
     axes[0][0].legend(unique.values(), unique.keys(), title=legend_title, fontsize=8)
     axes[0][0].set_title(title)
-    if zoom:
-        z = np.concatenate([s.eigenvalues for _, s in labelled_spectra])
+    z = np.concatenate([np.empty(0, complex), *(s.eigenvalues for _, s in labelled_spectra)])
+    z = z[np.isfinite(z)]  # NaN or Inf cannot set limits; an empty zoom keeps the defaults
+    if zoom and z.size:
         near = z[np.abs(z - 1) < 0.5] if np.any(np.abs(z - 1) < 0.5) else z
         pad = max(1e-3, 0.1 * float(np.ptp(near.real) + np.ptp(near.imag)))
         axes[0][1].set_xlim(near.real.min() - pad, near.real.max() + pad)
         axes[0][1].set_ylim(near.imag.min() - pad, near.imag.max() + pad)
+    if zoom:
         axes[0][1].set_aspect("auto")
         axes[0][1].set_title("zoom")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_comparison(comparison, path):
@@ -62,13 +72,13 @@ def plot_comparison(comparison, path):
     annotated as an uncalibrated p, without Holm's correction; the third panel names what
     the test's draws are (``comparison.null_label``).
     """
-    plt = _pyplot()
     has_null = any(r.null.size for r in comparison.tests.values())
     calibrated = getattr(comparison, "calibrated", True)
-    fig, axes = plt.subplots(1, 3 if has_null else 2, figsize=(16 if has_null else 11, 5))
+    scale = max(1.0, len(comparison.conditions) / 7)  # a heatmap cell holds two lines of text
+    fig = _figure(figsize=(scale * (16 if has_null else 11), scale * 5))
+    axes = fig.subplots(1, 3 if has_null else 2)
     ax = axes[0]
     _unit_circle(ax)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, condition in enumerate(comparison.conditions):
         z = np.concatenate(
             [
@@ -77,7 +87,7 @@ def plot_comparison(comparison, path):
                 if str(r.group.condition) == condition
             ]
         )
-        ax.scatter(z.real, z.imag, s=14, alpha=0.6, color=colors[k % len(colors)], label=condition)
+        ax.scatter(z.real, z.imag, s=14, alpha=0.6, label=condition, **_style(k))
     ax.legend(title="condition", fontsize=8)
     ax.set_title("Koopman eigenvalues")
 
@@ -122,4 +132,3 @@ def plot_comparison(comparison, path):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

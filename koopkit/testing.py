@@ -10,14 +10,16 @@ A plugin author runs every check on their factory, one pytest case per check::
         check(MyEstimator, rank=4)
 
 or all of them at once with ``check_estimator(MyEstimator, rank=4)``. Metrics have
-``metric_checks()`` and ``check_metric(factory, **params)``. A factory may also be given by its
-registered name (``check_estimator("dmd", rank=4)``).
+``metric_checks()`` and ``check_metric(factory, **params)``, significance tests
+``significance_checks()`` and ``check_significance(factory, **params)``. A factory may also be
+given by its registered name (``check_estimator("dmd", rank=4)``).
 
 Every check builds its own small data, calls ``factory(**params)`` and raises
 ``AssertionError`` whose message starts with the check's name. The estimator checks use a
 4-dimensional linear system ``x_{t+1} = A x_t`` with the chosen eigenvalues
 :data:`EIGENVALUES`, so ``params`` must make the estimator keep 4 eigenvalues (``rank=4``)
-and must not add any (no centering, which adds an eigenvalue 1).
+and must not add any (no centering, which adds an eigenvalue 1); when they set ``rank``, the
+``honours_rank`` check also fits with ``rank=2``.
 """
 
 from __future__ import annotations
@@ -28,17 +30,21 @@ from collections.abc import Callable
 import numpy as np
 
 from .errors import KoopkitError
-from .results import Spectrum
+from .results import Spectrum, TestResult
 
 __all__ = [
     "EIGENVALUES",
     "TOLERANCE",
     "estimator_checks",
     "metric_checks",
+    "significance_checks",
     "check_estimator",
     "check_metric",
+    "check_significance",
     "linear_trajectories",
     "random_spectra",
+    "spectrum_groups",
+    "matching_distance",
     "assert_eigenvalues_close",
 ]
 
@@ -56,6 +62,7 @@ SEVERAL_LENGTHS = (12, 9, 15)
 
 _ESTIMATOR_CHECKS: list[tuple[str, Callable]] = []
 _METRIC_CHECKS: list[tuple[str, Callable]] = []
+_TEST_CHECKS: list[tuple[str, Callable]] = []
 
 
 # --------------------------------------------------------------------------- data
@@ -174,7 +181,7 @@ def _resolve(kind: str, factory):
 
 def _check(kind: str, name: str):
     """Register a check under ``name``; its failures become AssertionErrors naming it."""
-    checks = _ESTIMATOR_CHECKS if kind == "estimator" else _METRIC_CHECKS
+    checks = {"estimator": _ESTIMATOR_CHECKS, "metric": _METRIC_CHECKS, "test": _TEST_CHECKS}[kind]
 
     def decorate(func):
         @functools.wraps(func)
@@ -244,6 +251,11 @@ def metric_checks(skip=()) -> list[tuple[str, Callable]]:
     return _selected(_METRIC_CHECKS, skip)
 
 
+def significance_checks(skip=()) -> list[tuple[str, Callable]]:
+    """``(name, check)`` of every significance-test check; ``check(factory, **params)``."""
+    return _selected(_TEST_CHECKS, skip)
+
+
 def check_estimator(factory, *, skip=(), **params) -> None:
     """Run every estimator check (but those named in ``skip``) on ``factory(**params)``.
 
@@ -255,6 +267,11 @@ def check_estimator(factory, *, skip=(), **params) -> None:
 def check_metric(factory, *, skip=(), **params) -> None:
     """Run every metric check (but those named in ``skip``) on ``factory(**params)``."""
     _run_all("metric", _METRIC_CHECKS, factory, skip, params)
+
+
+def check_significance(factory, *, skip=(), **params) -> None:
+    """Run every significance-test check (but those named in ``skip``) on ``factory(**params)``."""
+    _run_all("significance", _TEST_CHECKS, factory, skip, params)
 
 
 # ----------------------------------------------------------------- estimator checks
@@ -378,6 +395,16 @@ def check_recovers_eigenvalues(factory, params):
         TOLERANCE,
         "linear system with known eigenvalues",
     )
+
+
+@_check("estimator", "honours_rank")
+def check_honours_rank(factory, params):
+    """With ``rank`` in ``params``, ``rank=2`` keeps 2 eigenvalues (``koopkit spectrum --rank``
+    passes ``rank`` to every estimator); estimators without a ``rank`` are not checked."""
+    if params.get("rank") is None:
+        return
+    spectrum = _fit(factory, {**params, "rank": 2}, linear_trajectories())
+    assert spectrum.rank == 2, f"rank=2 kept {spectrum.rank} eigenvalues; expected 2"
 
 
 @_check("estimator", "deterministic")
@@ -504,4 +531,122 @@ def check_triangle_inequality(factory, params):
         ac, ab, bc = (_distance(metric, *pair) for pair in ((a, c), (a, b), (b, c)))
         assert ac <= ab + bc + 1e-12 * max(1.0, ac), (
             f"d(a, c) = {ac!r} > d(a, b) + d(b, c) = {ab!r} + {bc!r}"
+        )
+
+
+# ---------------------------------------------------------- significance-test checks
+
+REPLICATES = 6
+"""Spectra per condition in the significance checks."""
+
+ALPHA = 0.05
+"""The level at which far-apart conditions must be told apart."""
+
+
+def matching_distance(a: Spectrum, b: Spectrum) -> float:
+    """Mean distance of the optimal one-to-one matching of two equal-size eigenvalue sets
+    (the 1-Wasserstein distance of uniform weights): the metric the test checks pass."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.abs(a.eigenvalues[:, None] - b.eigenvalues[None, :])
+    rows, cols = linear_sum_assignment(cost)
+    return float(cost[rows, cols].mean())
+
+
+def spectrum_groups(shift: float, seed: int = 0) -> dict[str, list[Spectrum]]:
+    """Two conditions ``"a"`` and ``"b"`` of :data:`REPLICATES` spectra each, scattered about
+    one random spectrum; every eigenvalue of ``"b"`` is moved by ``shift``."""
+    (base,) = random_spectra(1, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    real, imag = 0.01 * rng.standard_normal((2, 2, REPLICATES, base.rank))
+    noise = real + 1j * imag
+    return {
+        label: [Spectrum(base.eigenvalues + move + z, amplitudes=base.amplitudes) for z in draws]
+        for label, move, draws in (("a", 0.0, noise[0]), ("b", shift, noise[1]))
+    }
+
+
+def _run_test(test, groups, metric=matching_distance) -> TestResult:
+    result = test.run(groups, metric)
+    assert isinstance(result, TestResult), (
+        f"run returned {type(result).__name__}; expected a koopkit.TestResult"
+    )
+    return result
+
+
+@_check("test", "returns_test_result")
+def check_returns_test_result(factory, params):
+    """``run(groups, metric)`` returns a TestResult: float statistic and p-value, 1-D null."""
+    result = _run_test(_make(factory, params), spectrum_groups(0.3))
+    for name in ("statistic", "p_value"):
+        value = getattr(result, name)
+        assert isinstance(value, float | np.floating) and not isinstance(value, bool), (
+            f"{name} is {type(value).__name__} {value!r}; expected a float"
+        )
+    assert np.isfinite(result.statistic), f"statistic is {result.statistic!r}; expected finite"
+    null = result.null
+    assert isinstance(null, np.ndarray) and null.ndim == 1, (
+        f"null is {type(null).__name__} of shape {getattr(null, 'shape', None)}; expected 1-D"
+    )
+
+
+@_check("test", "p_value_in_unit_interval")
+def check_p_value_in_unit_interval(factory, params):
+    """The p-value lies in [0, 1]: for far-apart, close and identical conditions."""
+    test = _make(factory, params)
+    for shift, what in ((0.3, "far-apart"), (0.0, "close"), (None, "identical")):
+        if shift is None:
+            (spectrum,) = random_spectra(1)
+            groups = {"a": [spectrum] * REPLICATES, "b": [spectrum] * REPLICATES}
+        else:
+            groups = spectrum_groups(shift)
+        p = float(_run_test(test, groups).p_value)
+        assert 0.0 <= p <= 1.0, f"p-value {p!r} for {what} conditions; expected within [0, 1]"
+
+
+@_check("test", "separates")
+def check_test_separates(factory, params):
+    """Conditions far apart (6 + 6 spectra) get a p-value below 0.05."""
+    p = float(_run_test(_make(factory, params), spectrum_groups(0.3)).p_value)
+    assert p < ALPHA, f"p-value {p!r} for far-apart conditions; expected < {ALPHA}"
+
+
+@_check("test", "deterministic")
+def check_test_deterministic(factory, params):
+    """The same parameters (seed included) give the same result, run again or anew."""
+    groups = spectrum_groups(0.0)
+    test = _make(factory, params)
+    first = _run_test(test, groups)
+    _run_test(test, spectrum_groups(0.1, seed=3))
+    again, fresh = _run_test(test, groups), _run_test(_make(factory, params), groups)
+    for other, what in ((again, "the same instance"), (fresh, "a new instance")):
+        changed = [
+            name
+            for name in ("statistic", "p_value", "null")
+            if not np.array_equal(getattr(other, name), getattr(first, name))
+        ]
+        assert not changed, (
+            f"running again with {what} changed its {', '.join(changed)} (statistic "
+            f"{first.statistic!r} -> {other.statistic!r}, p-value {first.p_value!r} -> "
+            f"{other.p_value!r})"
+        )
+
+
+@_check("test", "distances_agree")
+def check_distances_agree(factory, params):
+    """``run_on_distances`` (which the pipeline prefers) gives what ``run`` gives."""
+    test = _make(factory, params)
+    if not hasattr(test, "run_on_distances"):
+        return
+    groups = spectrum_groups(0.05)
+    spectra = [s for members in groups.values() for s in members]
+    labels = [label for label, members in groups.items() for _ in members]
+    d = np.array([[matching_distance(a, b) for b in spectra] for a in spectra])
+    d = (d + d.T) / 2  # exactly symmetric
+    by_distances = test.run_on_distances(d, labels)
+    by_spectra = _run_test(test, groups)
+    for name in ("statistic", "p_value"):
+        x, y = getattr(by_distances, name), getattr(by_spectra, name)
+        assert np.isclose(x, y, rtol=1e-9, atol=1e-12), (
+            f"run_on_distances gives {name} {x!r}, run gives {y!r}"
         )

@@ -170,6 +170,36 @@ def test_distance_names_and_parameters_are_checked():
         koopkit.distance(a, a, weights="mass")
 
 
+def test_distance_of_something_other_than_a_spectrum_is_refused_clearly():
+    with pytest.raises(EstimationError, match=r"^Invalid spectrum 'a': got ndarray; expected a k"):
+        koopkit.distance(np.array([0.5 + 0j]), Spectrum([0.5]))
+    with pytest.raises(EstimationError, match=r"^Invalid spectrum 'b': got list; expected a k"):
+        koopkit.distance(Spectrum([0.5]), [0.5])
+
+
+class ReturnsText:
+    def __call__(self, a, b):
+        return "far"
+
+
+class TextMetricPlugin:
+    @koopkit.hookimpl
+    def koopkit_register_metrics(self, register):
+        register("returns-text", ReturnsText)
+
+
+def test_metric_returning_something_else_is_a_plugin_error():
+    pm = koopkit.plugins.get_plugin_manager()
+    pm.register(TextMetricPlugin(), name="returns-text-plugin")
+    koopkit.plugins.registry.cache_clear()
+    try:
+        with pytest.raises(PluginError, match="'returns-text' returned str; expected a float"):
+            koopkit.distance(Spectrum([0.5]), Spectrum([0.4]), metric="returns-text")
+    finally:
+        pm.unregister(name="returns-text-plugin")
+        koopkit.plugins.registry.cache_clear()
+
+
 # ------------------------------------------------------------------ compare
 
 

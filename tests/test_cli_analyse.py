@@ -412,6 +412,21 @@ def test_writing_into_a_store_that_refuses_is_one_plain_line(cli_runner, store):
     assert "unexpected" not in line
 
 
+def test_the_same_analysis_saved_twice_keeps_both(cli_runner, store, monkeypatch):
+    """Saved twice in one second, an analysis gets the same id: the first must survive."""
+    monkeypatch.setattr("koopkit.store.analyses._analysis_id", lambda kind, attrs: f"{kind}-x")
+    args = ("spectrum", store, "--where", "cond=a", "--estimator", "dmd", "--rank", "2", "--json")
+    outputs = [cli_runner(*args) for _ in range(2)]
+    assert [r.exit_code for r in outputs] == [0, 0], outputs[-1].output
+    root = koopkit.open_store(store).root
+    assert sorted(name for name, _ in root["analyses"].groups()) == ["spectrum-x", "spectrum-x-2"]
+    for analysis, result in zip(("spectrum-x", "spectrum-x-2"), outputs, strict=True):
+        expected = json.loads(result.stdout)["spectra"][0]["eigenvalues"]
+        stored = root[f"analyses/{analysis}/spectra/0/eigenvalues"][...]
+        assert [[z.real, z.imag] for z in stored] == expected  # stored exactly
+    assert cli_runner("validate", store).exit_code == 0
+
+
 def test_demo_out_that_cannot_be_created_is_one_plain_line(cli_runner, tmp_path):
     (tmp_path / "afile").write_text("")
     result = cli_runner("demo", "--out", tmp_path / "afile" / "sub")

@@ -105,6 +105,19 @@ def test_info_text(cli_runner, recorded):
     assert "params" in result.stdout and "steps 0..5" in result.stdout
 
 
+def test_info_counts_every_non_finite_step(cli_runner, tmp_path):
+    """The run lists the first 100 NaN steps of a series and counts them all: info says all."""
+    data = np.full((150, 2), np.nan, dtype=np.float32)
+    np.save(tmp_path / "x.npy", data)
+    url = tmp_path / "s.zarr"
+    assert cli_runner("import", "npy", tmp_path / "x.npy", url, "--run", "a").exit_code == 0
+    run = json.loads(cli_runner("info", url, "--json").stdout)["runs"][0]
+    assert len(run["nonfinite"]["params"]) == 100 and run["nonfinite_count"] == {"params": 150}
+    assert (
+        "NaN/Inf in params at 150 step(s), first [0, 1, 2, 3, 4]" in cli_runner("info", url).stdout
+    )
+
+
 def test_info_on_a_zipped_store(cli_runner, run_koopkit, recorded, tmp_path):
     target = tmp_path / "runs.zip"
     with zipfile.ZipFile(target, "w") as zf:
@@ -292,6 +305,16 @@ def test_info_survives_a_schema_violating_store(cli_runner, copy):
     assert json.loads(result.stdout)["runs"][0]["status"] == "exploded"
 
 
+def test_info_text_survives_a_malformed_nonfinite_entry(cli_runner, copy):
+    _edit_json(
+        copy / "runs" / RUN / "zarr.json",
+        lambda m: m["attributes"].update(nonfinite={"params": 5}, nonfinite_count=[1]),
+    )
+    result = cli_runner("info", copy)
+    assert result.exit_code == 0, result.output
+    assert "invalid: run: nonfinite.params: 5 is not of type 'array'" in result.stdout
+
+
 # --------------------------------------------------------------------------------------------
 # import
 
@@ -357,6 +380,33 @@ def test_import_npy_bad_input(cli_runner, npy_inputs, source, run_id, fragment):
     assert not (npy_inputs / "escape").exists()
     if url.exists():
         assert koopkit.open_store(url).runs == {}
+
+
+@pytest.mark.parametrize(
+    "tags, fragment",
+    [
+        (["w=1", "w=2"], "'w' is given twice"),
+        (["lr=NaN"], "numbers must be finite"),
+        (["note=" + "x" * 1025], "at most 1024"),
+        (["k" * 129 + "=1"], "at most 128"),
+    ],
+    ids=["twice", "nan", "long-value", "long-key"],
+)
+def test_import_refuses_tags_a_store_cannot_hold_before_creating_it(
+    cli_runner, npy_inputs, tags, fragment
+):
+    url = npy_inputs / "s.zarr"
+    options = [arg for tag in tags for arg in ("--tag", tag)]
+    result = cli_runner("import", "npy", npy_inputs / "good.npy", url, "--run", "a", *options)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code in (1, 2) and len(errors) == 1, result.stderr  # 2: click's usage
+    assert fragment in errors[0] and "Traceback" not in result.stderr
+    assert not url.exists()
+
+
+def test_a_store_url_of_an_unknown_protocol_is_one_line(cli_runner, npy_inputs):
+    result = cli_runner("import", "npy", npy_inputs / "good.npy", "nosuch://x", "--run", "a")
+    assert_one_error(result, "Cannot open 'nosuch://x'")
 
 
 class _Evil:

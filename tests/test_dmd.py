@@ -344,6 +344,42 @@ def test_streamed_containers_give_the_in_memory_spectrum(rng, container, estimat
         np.testing.assert_allclose(spectrum.get_modes(), expected.get_modes(), atol=1e-10)
 
 
+def test_a_data_array_is_read_by_its_step_dimension_not_its_position(rng):
+    xr = pytest.importorskip("xarray")
+    (trajectory,) = random_walks(rng, 40, [30])
+    view = xr.DataArray(trajectory, dims=("step", "param")).T  # (param, step)
+    expected = DMD(rank=6).fit([trajectory]).eigenvalues
+    np.testing.assert_allclose(DMD(rank=6).fit([view]).eigenvalues, expected, atol=1e-12)
+
+
+def test_mode_phases_are_fixed_block_by_block_as_in_one_piece(rng):
+    from koopkit_dmd.exact import _largest_entries, fix_mode_phases
+
+    modes = rng.standard_normal((50, 4)) + 1j * rng.standard_normal((50, 4))
+    modes[[7, 31], 2] = 10.0  # a tie across blocks: the first one wins, as np.argmax picks it
+    modes[31, 2] = 10.0j
+    whole = modes[np.argmax(np.abs(modes), axis=0), np.arange(4)]
+    for rows in (1, 3, 7, 50, 100):
+        np.testing.assert_array_equal(_largest_entries(modes, rows=rows), whole)
+    fixed = fix_mode_phases(modes)
+    peaks = fixed[np.argmax(np.abs(fixed), axis=0), np.arange(4)]
+    np.testing.assert_allclose(peaks.imag, 0, atol=1e-12)
+    assert np.all(peaks.real > 0)
+
+
+def test_fixing_mode_phases_in_place_takes_little_memory(rng):
+    import tracemalloc
+
+    from koopkit_dmd.exact import fix_mode_phases
+
+    modes = rng.standard_normal((400_000, 8)) * (1 + 1j)  # 51 MB
+    tracemalloc.start()
+    fix_mode_phases(modes, overwrite=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < modes.nbytes / 4  # np.abs and argmax of all of it: as much as the modes
+
+
 def test_float32_is_streamed_without_a_whole_upcast(rng):
     trajectories = random_walks(rng, 150, [20, 25])
     recorded = [RecordingArray(t.astype(np.float32)) for t in trajectories]

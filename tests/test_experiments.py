@@ -177,3 +177,12 @@ def test_recording_restores_torchs_thread_count(tmp_path):
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("sizes", [{"inits": 0}, {"steps": 0}, {"inits": -1}])
+def test_recording_refuses_empty_sizes_before_writing(tmp_path, sizes):
+    store = tmp_path / "runs.zarr"
+    name = next(iter(sizes))
+    with pytest.raises(ValueError, match=f"Expected {name} >= 1. Got {sizes[name]} instead."):
+        fcn.record(store, **{"widths": (5,), "seeds": (0,), "inits": 1, "steps": 2, **sizes})
+    assert not store.exists()

@@ -279,3 +279,72 @@ def test_import_torch_refusals(tmp_path):
     with pytest.raises(ImportFailedError, match="ckpt_1.pt"):
         import_torch(tmp_path / "junk", url, "a")
     assert _runs(url) == []
+
+
+# --------------------------------------------------------------------------------------------
+# review: odd inputs
+
+
+def test_import_npy_big_endian_float64_keeps_its_precision(tmp_path):
+    data = np.random.default_rng(1).standard_normal((5, 3)).astype(">f8")
+    np.save(tmp_path / "x.npy", data)
+    url = tmp_path / "s.zarr"
+    import_npy(tmp_path / "x.npy", url, "a")
+    store = koopkit.open_store(url)
+    values = np.asarray(store.array("a"))
+    assert values.dtype == np.float64
+    np.testing.assert_array_equal(values, data)
+    assert store.root["runs/a/params"].attrs["tensors"][0]["dtype"] == "float64"
+
+
+def test_import_npy_memory_is_bounded_by_the_chunk_size(tmp_path, monkeypatch):
+    """A wide row is written a few rows at a time, never ROWS_PER_WRITE rows at once."""
+    monkeypatch.setattr("koopkit.store.importers.CHUNK_BYTES", 10 * 100 * 4)
+    data = np.random.default_rng(2).standard_normal((95, 100)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    url = tmp_path / "s.zarr"
+    assert import_npy(tmp_path / "x.npy", url, "a") == 95
+    store = koopkit.open_store(url)
+    assert store.root["runs/a/params/value"].chunks[0] == 10
+    np.testing.assert_array_equal(np.asarray(store.array("a")), data)
+    assert validate_store(url) == ([], 1)
+
+
+def test_failed_nested_import_leaves_its_run_ids_usable(tmp_path):
+    _checkpoints(tmp_path / "ckpts", [0, 1, 2], shapes={2: (4, 2)})
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    url = tmp_path / "s.zarr"
+    import_npy(tmp_path / "x.npy", url, "deep/kept")
+    with pytest.raises(ShapeChangedError):
+        import_torch(tmp_path / "ckpts", url, "deep/er/a")
+    assert not (url / "runs" / "deep" / "er").exists()  # the group made for it went too
+    assert _runs(url) == ["deep/kept"]
+    import_npy(tmp_path / "x.npy", url, "deep/er")  # neither refused nor "already exists"
+    assert sorted(_runs(url)) == ["deep/er", "deep/kept"]
+    assert validate_store(url) == ([], 2)
+
+
+def test_import_into_a_group_of_runs_names_it(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    url = tmp_path / "s.zarr"
+    import_npy(tmp_path / "x.npy", url, "fcn/a")
+    with pytest.raises(InvalidRunIdError, match="names a group of runs"):
+        import_npy(tmp_path / "x.npy", url, "fcn")
+
+
+@pytest.mark.parametrize("step", [-1, 2**70])
+def test_import_torch_refuses_a_step_out_of_range(tmp_path, step):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save({"model": {"w": torch.ones(2)}, "step": step}, folder / "a.pt")
+    torch.save({"model": {"w": torch.ones(2)}, "step": 5}, folder / "b.pt")
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match=r"Invalid step .* of 'a\.pt'"):
+        import_torch(folder, url, "a")
+    assert _runs(url) == []
+
+
+def test_import_torch_invalid_params_regex(tmp_path):
+    _checkpoints(tmp_path / "ckpts", [0, 1])
+    with pytest.raises(ImportFailedError, match=r"Invalid params regex '\['"):
+        import_torch(tmp_path / "ckpts", tmp_path / "s.zarr", "a", params="[")

@@ -6,6 +6,7 @@ import threading
 import dask.array as da
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 import zarr
 
@@ -72,11 +73,38 @@ def test_single_array_is_one_trajectory():
             EstimationError,
             r"Expected real numbers in trajectory 0\. Got dtype complex128 instead\.",
         ),
+        (
+            [[[1.0, 2.0], [3.0, 4.0]]],
+            EstimationError,
+            r"Expected trajectory 0 to be an array .* Got list instead\.",
+        ),
+        (
+            [scipy.sparse.csr_array(np.eye(4, 3))],
+            EstimationError,
+            r"Expected trajectory 0 to be a dense array\. Got a sparse csr_array instead\.",
+        ),
+        (
+            [torch.eye(4, 3).to_sparse()],
+            EstimationError,
+            r"Expected trajectory 0 to be a dense array\. Got a torch\.sparse_coo tensor instead\.",
+        ),
+        (
+            [torch.empty((4, 3), device="meta")],
+            EstimationError,
+            r"Expected trajectory 0 to be a dense array\. Got a tensor on the meta device instead\.",
+        ),
     ],
 )
 def test_invalid_trajectories(data, error, match):
     with pytest.raises(error, match=match):
         Trajectories.from_input(data)
+
+
+def test_a_dask_array_of_unknown_shape_is_refused_clearly():
+    data = da.from_array(np.ones((6, 3)), chunks=(2, 3))
+    unknown = data[da.from_array(np.ones(6, dtype=bool), chunks=2)]
+    with pytest.raises(EstimationError, match=r"known shape.*Got shape \(nan, 3\)"):
+        Trajectories.from_input([unknown])
 
 
 @pytest.mark.parametrize(
@@ -413,6 +441,19 @@ def test_reused_blocks_are_one_buffer_or_a_view_of_the_data(rng, container, dtyp
     fresh = [block for _, block in trajectories.blocks(block_bytes=20 * 8 * 30)]
     assert not any(np.shares_memory(a, b) for a, b in itertools.combinations(fresh, 2))
     assert not any(np.shares_memory(block, data) for block in fresh)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_blocks_of_torch_dtypes_numpy_lacks(rng, dtype):
+    data = torch.from_numpy(rng.standard_normal((20, 100))).to(dtype)
+    expected = data.double().numpy()
+    trajectories = Trajectories.from_input(data)
+    for reuse in (True, False):
+        for columns, block in trajectories.blocks(block_bytes=20 * 8 * 30, reuse=reuse):
+            np.testing.assert_array_equal(block, expected[:, columns])
+    np.testing.assert_allclose(
+        streamed_gram(trajectories, block_bytes=20 * 8 * 30), expected @ expected.T, rtol=1e-13
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -10,9 +10,14 @@ from koopkit import plots
 
 
 def _captured_figures(monkeypatch):
-    plt = plots._pyplot()
     figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    make = plots._figure
+
+    def keep(**kwargs):
+        figures.append(make(**kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(plots, "_figure", keep)
     return figures
 
 
@@ -32,8 +37,8 @@ def test_plot_spectra_legend_names_the_grouping_and_each_label_once(tmp_path, mo
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
-def _comparison(test, replicates=3):
-    """Two conditions of spectra around 0.5 and 0.9, compared with ``test``."""
+def _comparison(test, replicates=3, conditions=2):
+    """``conditions`` conditions of spectra from 0.5 to 0.9, compared with ``test``."""
     from koopkit.pipeline import Group, SpectrumResult, compare_spectra
     from koopkit.results import Spectrum
 
@@ -43,7 +48,9 @@ def _comparison(test, replicates=3):
             Group((f"{c}{i}",), {}, condition=c, replicate=i),
             Spectrum(center + 0.02 * rng.normal(size=4)),
         )
-        for c, center in (("a", 0.5), ("b", 0.9))
+        for c, center in zip(
+            "abcdefghijklmno"[:conditions], np.linspace(0.5, 0.9, conditions), strict=True
+        )
         for i in range(replicates)
     ]
     return compare_spectra(spectra, test=test)
@@ -81,3 +88,54 @@ def test_plot_comparison_shows_no_within_distance_for_a_single_spectrum(tmp_path
     shown = [t for t in figures[0].axes[1].texts if t.get_text() == "n/a"]
     assert all(t.get_color() == "k" for t in shown)  # readable on the empty cell
     assert (tmp_path / "single.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plotting_leaves_the_callers_backend_and_figures_alone(tmp_path):
+    """A notebook's (or script's) pyplot backend and open figures survive a koopkit figure."""
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import numpy as np
+from koopkit import plots
+from koopkit.results import Spectrum
+plt.figure()
+plots.plot_spectra([("a", Spectrum([0.9]))], {str(tmp_path / "a.png")!r})
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "[1]"]
+    assert (tmp_path / "a.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_spectra_draws_empty_and_non_finite_spectra(tmp_path):
+    from koopkit.results import Spectrum
+
+    cases = {
+        "empty": [("a", Spectrum(np.array([], dtype=complex)))],
+        "nan": [("a", Spectrum([np.nan, np.inf]))],
+        "none": [],
+    }
+    for name, spectra in cases.items():
+        plots.plot_spectra(spectra, tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG"), name
+
+
+def test_many_conditions_get_distinct_markers_and_room(tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    spectra = [(f"c{k}", SimpleNamespace(eigenvalues=np.array([0.1 * k]))) for k in range(15)]
+    plots.plot_spectra(spectra, tmp_path / "many.png", zoom=False)
+    legend = figures[0].axes[0].get_legend()
+    styles = {
+        (tuple(h.get_facecolor()[0]), h.get_paths()[0].vertices.tobytes())
+        for h in legend.legend_handles
+    }
+    assert len(styles) == 15  # colours repeat after 10; the markers tell them apart
+
+    plots.plot_comparison(_comparison(None, replicates=1, conditions=15), tmp_path / "c.png")
+    width, height = figures[1].get_size_inches()
+    assert height >= 15 * 0.6  # room for each cell's text

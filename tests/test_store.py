@@ -394,6 +394,12 @@ def _set_run_attr(key, value):
     )
 
 
+def _set_run_attrs(attrs):
+    return lambda copy: _edit_json(
+        copy / "runs" / RUN / "zarr.json", lambda m: m.__setitem__("attributes", attrs)
+    )
+
+
 def _committed_too_large(copy):
     _edit_json(
         copy / "runs" / RUN / "zarr.json",
@@ -451,6 +457,12 @@ def _sketch_dim_wrong(copy):
     _edit_json(copy / "runs" / RUN / "params" / "zarr.json", edit)
 
 
+def _params_value_1d(copy):
+    group = zarr.open_group(copy / "runs" / RUN / "params", mode="r+")
+    del group["value"]
+    group.create_array("value", data=np.zeros(10, "f4"), dimension_names=("step",))
+
+
 CORRUPTIONS = {
     "committed_steps > rows": (_committed_too_large, "committed_steps is 11 but only 10 rows"),
     "steps not increasing": (_steps_not_increasing, "strictly increasing"),
@@ -466,6 +478,13 @@ CORRUPTIONS = {
     "committed names a missing series": (_committed_names_missing_series, "does not exist"),
     "probe labels": (_probe_labels_wrong_length, "label: expected 4 entries"),
     "sketch dim": (_sketch_dim_wrong, "sketch dim 3 != value width 32"),
+    "params value 1-D": (_params_value_1d, "params/value: a full series is (step, param), got 1-D"),
+    # a run whose koopkit block is lost or wrong is still judged as a run, not skipped
+    "run attrs lost": (_set_run_attrs({}), "run: koopkit: required key is missing"),
+    "run node wrong": (
+        _set_run_attr("koopkit", {"node": "rnu", "version": "1.0"}),
+        "run: koopkit.node: expected 'run', got 'rnu'",
+    ),
 }
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,11 @@ from koopkit.testing import (
     assert_eigenvalues_close,
     check_estimator,
     check_metric,
+    check_significance,
     estimator_checks,
     linear_trajectories,
     metric_checks,
+    significance_checks,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "third_party_plugin"
@@ -143,6 +146,7 @@ BUILTIN_METRICS = {
     "wasserstein-log": {},
     "matched-mean": {},
 }
+BUILTIN_TESTS = ("permutation", "bootstrap", "eigen-swap")
 
 
 @pytest.mark.parametrize("name, check", estimator_checks())
@@ -155,6 +159,12 @@ def test_builtin_estimators_conform(label, name, check):
 @pytest.mark.parametrize("label", BUILTIN_METRICS)
 def test_builtin_metrics_conform(label, name, check):
     check(label.removesuffix("-amplitude"), **BUILTIN_METRICS[label])
+
+
+@pytest.mark.parametrize("name, check", significance_checks())
+@pytest.mark.parametrize("label", BUILTIN_TESTS)
+def test_builtin_tests_conform(label, name, check):
+    check(label)
 
 
 # ------------------------------------------- the suite catches what it says it checks
@@ -239,6 +249,18 @@ class ListsOnly(_Base):
         return super().fit([np.asarray(t) for t in list(trajectories)])
 
 
+def _failing_checks(checks, factory) -> set[str]:
+    """Names of the checks that fail on ``factory``; each failure names its check."""
+    failed = set()
+    for name, check in checks:
+        try:
+            check(factory)
+        except AssertionError as exc:
+            assert str(exc).startswith(f"check {name!r} failed for "), exc
+            failed.add(name)
+    return failed
+
+
 @pytest.mark.parametrize(
     "factory, failing",
     [
@@ -261,26 +283,23 @@ class ListsOnly(_Base):
         ),
         (Noisy, {"single_array", "deterministic", "array_like_input"}),
         (IgnoresNaN, {"rejects_non_finite"}),
-        (ReturnsArray, {name for name, _ in estimator_checks()} - {"rejects_non_finite"}),
+        (
+            ReturnsArray,
+            {name for name, _ in estimator_checks()} - {"rejects_non_finite", "honours_rank"},
+        ),
         (ListsOnly, {"single_array"}),
     ],
 )
 def test_estimator_checks_catch_broken_estimators(factory, failing):
-    failed = set()
-    for name, check in estimator_checks():
-        try:
-            check(factory)
-        except AssertionError as exc:
-            assert str(exc).startswith(f"check {name!r} failed for "), exc
-            failed.add(name)
-    assert failed == failing
+    assert _failing_checks(estimator_checks(), factory) == failing
 
 
 def test_check_estimator_lists_every_failure():
     with pytest.raises(AssertionError) as info:
         check_estimator(CrossesBoundaries, rank=4)
     message = str(info.value)
-    assert message.startswith("2 estimator check(s) failed for")
+    assert message.startswith("3 estimator check(s) failed for")
+    assert "honours_rank" in message  # _Base ignores its rank
     assert "several_trajectories" in message and "pairs across trajectory boundaries" in message
     check_estimator(CrossesBoundaries, skip=["several_trajectories", "float32_input"])
     with pytest.raises(ValueError, match="Invalid check names \\['nope'\\]"):
@@ -326,3 +345,79 @@ def test_metric_checks_catch_broken_metrics(metric, failing):
     if failing:
         with pytest.raises(AssertionError, match=sorted(failing)[0]):
             check_metric(lambda: metric)
+
+
+def test_estimator_checks_catch_an_estimator_that_ignores_rank():
+    failed = []
+    for name, check in estimator_checks():
+        try:
+            check(_Base, rank=4)  # _Base keeps every eigenvalue whatever its rank
+        except AssertionError as exc:
+            assert "rank=2 kept 4 eigenvalues; expected 2" in str(exc)
+            failed.append(name)
+    assert failed == ["honours_rank"]
+
+
+def _permutation(**params):
+    from koopkit_significance.permutation import PermutationTest
+
+    return PermutationTest(**params)
+
+
+def _broken_test(change_result=None, change_run=None, n_perm=10_000):
+    """The permutation test with its result (from either entry) or only ``run`` altered."""
+    from koopkit_significance.permutation import PermutationTest
+
+    class Broken(PermutationTest):
+        def run_on_distances(self, distances, labels):
+            result = super().run_on_distances(distances, labels)
+            return change_result(self, result) if change_result else result
+
+        def run(self, groups, metric):
+            result = super().run(groups, metric)
+            return change_run(self, result) if change_run else result
+
+    return lambda: Broken(n_perm=n_perm)
+
+
+_draws = itertools.count(1)
+
+
+@pytest.mark.parametrize(
+    "factory, failing",
+    [
+        (_permutation, set()),
+        (
+            _broken_test(lambda t, r: (r.statistic, r.p_value)),
+            {name for name, _ in significance_checks()},
+        ),
+        (
+            _broken_test(lambda t, r: replace(r, p_value=1.5 * r.p_value)),
+            {"p_value_in_unit_interval"},
+        ),
+        (_broken_test(lambda t, r: replace(r, p_value=1.0)), {"separates"}),
+        (
+            _broken_test(lambda t, r: replace(r, p_value=int(r.p_value))),
+            {"returns_test_result"},
+        ),
+        (
+            _broken_test(lambda t, r: replace(r, null=r.null[None])),
+            {"returns_test_result"},
+        ),
+        (  # every call differs, like relabellings drawn from an unseeded generator
+            _broken_test(
+                lambda t, r: replace(r, p_value=r.p_value * (1 - 1e-3 * (next(_draws) % 7)))
+            ),
+            {"deterministic", "distances_agree"},
+        ),
+        (
+            _broken_test(change_run=lambda t, r: replace(r, p_value=r.p_value / 2)),
+            {"distances_agree"},
+        ),
+    ],
+)
+def test_significance_checks_catch_broken_tests(factory, failing):
+    assert _failing_checks(significance_checks(), factory) == failing
+    if failing:
+        with pytest.raises(AssertionError, match=sorted(failing)[0]):
+            check_significance(factory)

@@ -40,6 +40,7 @@ def describe(store) -> dict:
                 "committed_steps": info.attrs.get("committed_steps", {}),
                 "dropped": info.attrs.get("dropped", 0),
                 "nonfinite": info.attrs.get("nonfinite", {}),
+                "nonfinite_count": info.attrs.get("nonfinite_count", {}),
                 "series": series,
                 "problems": problems,
             }
@@ -85,9 +86,12 @@ def register(cli):
                 click.echo(f"  dropped snapshots: {run['dropped']}")
             for problem in run["problems"][:3]:
                 click.echo(f"  invalid: {problem}")
-            for path, steps in (
-                run["nonfinite"] if isinstance(run["nonfinite"], dict) else {}
-            ).items():
-                click.echo(f"  NaN/Inf in {path} at {len(steps)} step(s), first {steps[:5]}")
+            nonfinite = run["nonfinite"] if isinstance(run["nonfinite"], dict) else {}
+            counts = run["nonfinite_count"] if isinstance(run["nonfinite_count"], dict) else {}
+            for path, steps in nonfinite.items():
+                if isinstance(steps, list):  # anything else is a schema problem: validate names it
+                    # the list stops at 100 steps; the count does not
+                    count = counts.get(path, len(steps))
+                    click.echo(f"  NaN/Inf in {path} at {count} step(s), first {steps[:5]}")
         if summary["analyses"]:
             click.echo(f"\nanalyses: {', '.join(summary['analyses'])}")

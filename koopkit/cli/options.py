@@ -35,6 +35,8 @@ def parse_pairs(items, what: str = "--tag") -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r}: expected KEY=VALUE.", param_hint=what)
+        if key in out:  # the last would silently win
+            raise click.BadParameter(f"{key!r} is given twice.", param_hint=what)
         value = parse_value(value)
         if not isinstance(value, str | int | float | bool) and value is not None:
             value = json.dumps(value)

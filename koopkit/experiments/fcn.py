@@ -96,6 +96,9 @@ def record(
 
     Runs single-threaded (tiny networks) and restores torch's thread count afterwards.
     """
+    for name, value in (("inits", inits), ("steps", steps)):
+        if value < 1:  # checked before anything is written: 0 inits would still record one
+            raise ValueError(f"Expected {name} >= 1. Got {value!r} instead.")
     x, y = load_data(dataset)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: threads cost more than they give

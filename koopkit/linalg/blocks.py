@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,25 @@ _FLOAT64_EPS = float(np.finfo(np.float64).eps)
 def _is_torch_tensor(obj) -> bool:
     torch = sys.modules.get("torch")  # a torch tensor implies torch is already imported
     return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _not_dense(array) -> str | None:
+    """What a sparse or data-less array is (slicing it gives no dense values), else None."""
+    if _is_torch_tensor(array):
+        if array.layout != sys.modules["torch"].strided:
+            return f"a {array.layout} tensor"
+        return "a tensor on the meta device" if array.is_meta else None
+    sparse = sys.modules.get("scipy.sparse")  # a scipy sparse array implies it is imported
+    return f"a sparse {type(array).__name__}" if sparse and sparse.issparse(array) else None
+
+
+def _steps_first(array):
+    """An xarray DataArray with a ``step`` dimension, transposed by name to (step, ...): a
+    ``(param, step)`` view would otherwise be read as steps by position."""
+    dims = getattr(array, "dims", None)
+    if isinstance(dims, tuple) and "step" in dims and dims[0] != "step":
+        return array.transpose("step", ...)
+    return array
 
 
 def _is_real_dtype(dtype) -> bool:
@@ -92,20 +112,34 @@ class Trajectories:
         """Check shapes and dtypes (without reading data); a single 2-D array is one trajectory."""
         if hasattr(trajectories, "shape"):
             trajectories = [trajectories]
-        arrays = tuple(trajectories)
+        arrays = tuple(_steps_first(array) for array in trajectories)
         if not arrays:
             raise InsufficientDataError("Expected at least 1 trajectory. Got 0 instead.")
         for i, array in enumerate(arrays):
-            shape = tuple(getattr(array, "shape", ()))
+            if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+                raise EstimationError(
+                    f"Expected trajectory {i} to be an array (steps, features): numpy, torch, "
+                    f"dask, zarr or xarray. Got {type(array).__name__} instead."
+                )
+            shape = tuple(array.shape)
             if len(shape) != 2:
                 raise EstimationError(
                     f"Expected trajectory {i} to be 2-D (steps, features). "
                     f"Got shape {shape} instead."
                 )
-            dtype = getattr(array, "dtype", None)
-            if not _is_real_dtype(dtype):
+            if not all(isinstance(size, Integral) for size in shape):  # dask: (nan, n)
                 raise EstimationError(
-                    f"Expected real numbers in trajectory {i}. Got dtype {dtype} instead."
+                    f"Expected trajectory {i} to have a known shape. Got shape {shape} "
+                    "instead; call compute_chunk_sizes() on a dask array."
+                )
+            if not _is_real_dtype(array.dtype):
+                raise EstimationError(
+                    f"Expected real numbers in trajectory {i}. Got dtype {array.dtype} instead."
+                )
+            sparse = _not_dense(array)
+            if sparse:
+                raise EstimationError(
+                    f"Expected trajectory {i} to be a dense array. Got {sparse} instead."
                 )
         features = int(arrays[0].shape[1])
         for i, array in enumerate(arrays):
@@ -257,7 +291,9 @@ class Trajectories:
         if len(pieces) != 1 or not _in_memory(self.arrays[0]):
             return None
         piece = pieces[0]
-        if _is_torch_tensor(piece) and piece.device.type == "cpu":
+        if _is_torch_tensor(piece):
+            if piece.device.type != "cpu" or piece.dtype != sys.modules["torch"].float64:
+                return None  # nor would .numpy() take bfloat16
             piece = piece.numpy()  # shares the tensor's memory
         if not isinstance(piece, np.ndarray) or piece.dtype != np.float64:
             return None

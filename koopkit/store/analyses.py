@@ -46,10 +46,16 @@ def _analysis_id(kind: str, attrs: dict) -> str:
 def _write(url, kind, attrs, arrays: dict, spectra) -> str:
     """Write one analysis group atomically (all or nothing); returns its id."""
     root = open_root(url, writable=True)
-    analysis_id = _analysis_id(kind, attrs)
+    analysis_id = base = _analysis_id(kind, attrs)
+    n = 1
+    while f"{layout.ANALYSES}/{analysis_id}" in root:  # the same analysis saved in one second
+        n += 1
+        analysis_id = f"{base}-{n}"
     path = f"{layout.ANALYSES}/{analysis_id}"
+    created = False
     try:
         group = root.create_group(path)
+        created = True  # from here on the group is ours to remove on failure
         for name, (dims, values) in arrays.items():
             group.create_array(name, data=np.asarray(values), dimension_names=dims)
         for i, result in enumerate(spectra):
@@ -62,7 +68,7 @@ def _write(url, kind, attrs, arrays: dict, spectra) -> str:
         group.attrs.update(attrs)  # written last: a group without attrs is not an analysis
     except BaseException as exc:
         try:
-            if path in root:
+            if created and path in root:
                 del root[path]
         except OSError:
             pass  # nothing could be written there either

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ImportFailedError, RunExistsError, ShapeChangedError
 from . import layout
 from .location import open_root
-from .writer import RunWriter, SeriesSpec
+from .writer import CHUNK_BYTES, RunWriter, SeriesSpec
 
 __all__ = ["import_npy", "import_torch", "CHECKPOINT_SUFFIXES"]
 
@@ -24,26 +24,45 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 ROWS_PER_WRITE = 64
 
 
-def _new_run(store, run_id, metadata) -> RunWriter:
+def _rows_per_chunk(row_bytes: int) -> int:
+    """Rows per chunk and per write: about CHUNK_BYTES, so memory stays bounded however wide."""
+    return max(1, min(ROWS_PER_WRITE, CHUNK_BYTES // max(1, row_bytes)))
+
+
+def _check_run(run_id, tags) -> dict:
+    """The run id and tags, refused before any data is read or the store is created."""
+    layout.check_run_id(run_id)
+    return layout.check_tags(tags)
+
+
+def _new_run(store, run_id, metadata) -> tuple[RunWriter, list[str]]:
+    """A writer on a new run, and the groups made for it (deepest first) to remove on failure."""
     root = open_root(store, writable=True)
-    if layout.run_path(run_id) in root:
+    path = layout.run_path(run_id)
+    if path in root and (root[path].attrs.get(layout.NAMESPACE) or {}).get("node") == "run":
         raise RunExistsError(
             f"Run {run_id!r} already exists in {str(store)!r}; choose another run id."
         )
-    return RunWriter(store, run_id, metadata, resume=False)
+    parts = path.split("/")
+    made = [p for p in ("/".join(parts[:d]) for d in range(len(parts), 1, -1)) if p not in root]
+    return RunWriter(store, run_id, metadata, resume=False), made
 
 
-def _remove_run(store, run_id) -> None:
+def _remove_run(store, made) -> None:
+    """Remove the run, and each group of runs made for it that nothing else has moved into."""
     try:
         root = open_root(store, writable=True)
-        del root[layout.run_path(run_id)]
+        for path in made:
+            if path != made[0] and any(True for _ in root[path].members()):
+                return
+            del root[path]
     except Exception:
         pass  # best effort: the store may be what failed
 
 
 def _write_all(store, run_id, metadata, spec, rows_iter) -> int:
     """Write (steps, rows) blocks as the run's params; remove the run if anything fails."""
-    writer = _new_run(store, run_id, metadata)
+    writer, made = _new_run(store, run_id, metadata)
     count = 0
     try:
         writer.add_series(spec)
@@ -53,7 +72,7 @@ def _write_all(store, run_id, metadata, spec, rows_iter) -> int:
         writer.close("complete")
     except BaseException:
         writer.abandon()
-        _remove_run(store, run_id)
+        _remove_run(store, made)
         raise
     return count
 
@@ -63,6 +82,7 @@ NPY_MAGIC = b"\x93NUMPY"
 
 def import_npy(source, store, run_id: str, tags: dict | None = None, name: str = "x") -> int:
     """Import a ``(steps, features)`` array from a ``.npy`` file as one run; returns the rows."""
+    tags = _check_run(run_id, tags)
     path = Path(source)
     try:
         with open(path, "rb") as f:
@@ -88,7 +108,8 @@ def import_npy(source, store, run_id: str, tags: dict | None = None, name: str =
             f"Expected a non-empty 2-D numeric array (steps, features) in {str(path)!r}. "
             f"Got shape {array.shape} of dtype {array.dtype} instead."
         )
-    dtype = "float64" if array.dtype == np.float64 else "float32"
+    dtype = "float64" if array.dtype.kind == "f" and array.dtype.itemsize >= 8 else "float32"
+    rows = _rows_per_chunk(array.shape[1] * np.dtype(dtype).itemsize)
     spec = SeriesSpec(
         layout.PARAMS,
         (array.shape[1],),
@@ -96,19 +117,19 @@ def import_npy(source, store, run_id: str, tags: dict | None = None, name: str =
         attrs={
             "kind": "full",
             "tensors": [
-                {"name": name, "offset": 0, "shape": [array.shape[1]], "dtype": str(array.dtype)}
+                {"name": name, "offset": 0, "shape": [array.shape[1]], "dtype": array.dtype.name}
             ],
         },
-        chunk_steps=ROWS_PER_WRITE,
+        chunk_steps=rows,
         row_dims=("param",),
     )
     metadata = {"tags": dict(tags or {}), "source": {"kind": "npy", "path": str(path)}}
     blocks = (
         (
-            np.arange(i, min(i + ROWS_PER_WRITE, len(array))),
-            np.asarray(array[i : i + ROWS_PER_WRITE], dtype=dtype),
+            np.arange(i, min(i + rows, len(array))),
+            np.asarray(array[i : i + rows], dtype=dtype),
         )
-        for i in range(0, len(array), ROWS_PER_WRITE)
+        for i in range(0, len(array), rows)
     )
     return _write_all(store, run_id, metadata, spec, blocks)
 
@@ -190,6 +211,7 @@ def import_torch(
     The step of each file is its ``step``/``global_step`` entry if it has one, else the last
     number in its file name. ``params`` is a regex selecting tensors by name.
     """
+    tags = _check_run(run_id, tags)
     folder = Path(source)
     if not folder.is_dir():
         raise ImportFailedError(f"Expected a folder of checkpoints at {str(folder)!r}.")
@@ -198,7 +220,10 @@ def import_torch(
         raise ImportFailedError(
             f"No checkpoints ({', '.join(CHECKPOINT_SUFFIXES)}) in {str(folder)!r}."
         )
-    pattern = re.compile(params) if params else None
+    try:
+        pattern = re.compile(params) if params else None
+    except re.error as exc:
+        raise ImportFailedError(f"Invalid params regex {params!r}: {exc}.") from exc
     loaded = []
     for path in files:
         tensors, step = _load_state_dict(path)
@@ -206,6 +231,10 @@ def import_torch(
         if step is None:
             raise ImportFailedError(
                 f"Cannot tell the step of {path.name!r}: no step entry and no number in its name."
+            )
+        if not 0 <= step < 2**63:  # the store's steps are int64 and never negative
+            raise ImportFailedError(
+                f"Invalid step {step} of {path.name!r}; expected 0 <= step < 2**63."
             )
         loaded.append((step, path, tensors))
     loaded.sort(key=lambda item: item[0])
@@ -247,7 +276,7 @@ def import_torch(
         layout.PARAMS,
         (offset,),
         attrs={"kind": "full" if len(names) == len(first) else "subset", "tensors": table},
-        chunk_steps=max(1, min(ROWS_PER_WRITE, (16 * 2**20) // max(1, offset * 4))),
+        chunk_steps=_rows_per_chunk(offset * 4),
         row_dims=("param",),
     )
     metadata = {"tags": dict(tags or {}), "source": {"kind": "torch", "path": str(folder)}}

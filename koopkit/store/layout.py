@@ -18,9 +18,10 @@ A reader never shows rows of a series past its committed count.
 
 from __future__ import annotations
 
+import math
 import re
 
-from ..errors import InvalidRunIdError
+from ..errors import InvalidRunIdError, InvalidTagError
 
 FORMAT_NAME = "trajectory-store"
 FORMAT_VERSION = "1.0"
@@ -82,6 +83,11 @@ def _as_python_scalar(value):
     return value.item() if count == 1 else value
 
 
+TAG_KEY_LENGTH = 128
+TAG_VALUE_LENGTH = 1024
+"""The run schema's limits: a longer tag would make a store that fails validation."""
+
+
 def check_tags(tags) -> dict:
     """Tags as JSON scalars: numpy/torch scalars become Python numbers, anything else is refused."""
     out = {}
@@ -90,8 +96,16 @@ def check_tags(tags) -> dict:
         if not isinstance(key, str) or not (
             value is None or isinstance(value, str | int | float | bool)
         ):
-            raise ValueError(
+            raise InvalidTagError(
                 f"Invalid tag {key!r}={value!r}; tags are str keys with str, number, bool or None values."
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidTagError(f"Invalid tag {key!r}={value!r}; numbers must be finite (JSON).")
+        if len(key) > TAG_KEY_LENGTH or (isinstance(value, str) and len(value) > TAG_VALUE_LENGTH):
+            shown = key if len(key) <= 40 else key[:40] + "..."
+            raise InvalidTagError(
+                f"Invalid tag {shown!r}: keys are at most {TAG_KEY_LENGTH} characters and "
+                f"string values at most {TAG_VALUE_LENGTH}."
             )
         out[key] = value
     return out

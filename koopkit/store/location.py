@@ -46,7 +46,10 @@ def _zarr_store(url, *, writable: bool):
         return zarr.storage.ZipStore(text, mode="r")
     path = local_path(text)
     if path is None:
-        return zarr.storage.FsspecStore.from_url(text, read_only=not writable)
+        try:
+            return zarr.storage.FsspecStore.from_url(text, read_only=not writable)
+        except (ValueError, ImportError) as exc:  # an unknown protocol, or its package missing
+            raise NotAStoreError(f"Cannot open {text!r}: {exc}") from exc
     if not writable:
         _existing_directory(text, path)
     if writable and path.exists():

@@ -56,6 +56,9 @@ def _check_series(group, where, committed, reasons) -> None:
     if steps.size and (np.any(np.diff(steps) <= 0) or steps[0] < 0):
         reasons.append(f"{where}/step: steps must be >= 0 and strictly increasing")
     kind = attrs.get("kind")
+    if kind in layout.SERIES_KINDS and value.ndim != 2:
+        reasons.append(f"{where}/value: a {kind} series is (step, param), got {value.ndim}-D")
+        return
     width = value.shape[1] if value.ndim > 1 else None
     if kind in ("full", "subset") and isinstance(attrs.get("tensors"), list):
         _check_tensors(attrs["tensors"], width, where, reasons)
@@ -126,6 +129,14 @@ def _check_run(group, run_id, reasons) -> None:
             _dimension_names(array, f"{where}/static/{name}", reasons)
 
 
+def _is_run(group) -> bool:
+    """A run says so; a group with another koopkit block or holding series is a run whose
+    attributes are damaged, and is judged as a run rather than walked into as a group of runs."""
+    if layout.NAMESPACE in group.attrs:
+        return True
+    return any(_node(child) == "series" for _, child in group.groups())
+
+
 def _walk_runs(group, prefix, reasons, depth=0) -> int:
     count = 0
     for name, child in sorted(group.groups()):
@@ -135,7 +146,7 @@ def _walk_runs(group, prefix, reasons, depth=0) -> int:
         except StoreError as exc:
             reasons.append(f"runs/{run_id}: {exc}")
             continue
-        if _node(child) == "run":
+        if _is_run(child):
             _check_run(child, run_id, reasons)
             count += 1
         elif depth < 32:

@@ -40,6 +40,22 @@ def snapshot_pairs(lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return x, x + 1
 
 
+def _largest_entries(modes: np.ndarray, rows: int = 65536) -> np.ndarray:
+    """Each column's first entry of largest modulus, found in blocks of rows: ``np.abs`` of
+    all the modes at once would take half as much memory again as the modes."""
+    columns = np.arange(modes.shape[1])
+    largest = np.full(modes.shape[1], -1.0)
+    entries = np.zeros(modes.shape[1], modes.dtype)
+    for start in range(0, modes.shape[0], rows):
+        block = modes[start : start + rows]
+        sizes = np.abs(block)
+        at = np.argmax(sizes, axis=0)
+        better = sizes[at, columns] > largest  # strict: an earlier block keeps a tie
+        largest[better] = sizes[at, columns][better]
+        entries[better] = block[at, columns][better]
+    return entries
+
+
 def fix_mode_phases(modes: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """Modes rotated so each one's largest entry is real and positive.
 
@@ -47,8 +63,7 @@ def fix_mode_phases(modes: np.ndarray, *, overwrite: bool = False) -> np.ndarray
     data return different ones; this makes the modes a function of the data alone. With
     ``overwrite``, ``modes`` (complex) is rotated in place and returned.
     """
-    peaks = modes[np.argmax(np.abs(modes), axis=0), np.arange(modes.shape[1])]
-    rotations = np.exp(-1j * np.angle(peaks))
+    rotations = np.exp(-1j * np.angle(_largest_entries(modes)))
     if overwrite:
         modes *= rotations
         return modes
