@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 MARKERS = "o^sDvP*X<>"
 """Markers cycled once the colour cycle runs out, so many conditions stay distinguishable."""
+
+
+def _plain_text(draw):
+    """Draw with every text taken literally: labels are tag values, and a ``$`` in one would
+    otherwise be parsed as mathtext and could fail the whole figure."""
+
+    @functools.wraps(draw)
+    def plain(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return plain
 
 
 def _figure(**kwargs):
@@ -34,6 +50,7 @@ def _unit_circle(ax):
     ax.set_ylabel("Im λ")
 
 
+@_plain_text
 def plot_spectra(
     labelled_spectra, path, title="Koopman eigenvalues", zoom=True, legend_title="condition"
 ):
@@ -65,6 +82,7 @@ def plot_spectra(
     fig.savefig(path, dpi=120)
 
 
+@_plain_text
 def plot_comparison(comparison, path):
     """Spectra per condition, the distance heatmap annotated with Holm p-values, and a null.
 

@@ -139,3 +139,22 @@ def test_many_conditions_get_distinct_markers_and_room(tmp_path, monkeypatch):
     plots.plot_comparison(_comparison(None, replicates=1, conditions=15), tmp_path / "c.png")
     width, height = figures[1].get_size_inches()
     assert height >= 15 * 0.6  # room for each cell's text
+
+
+def test_labels_with_dollar_signs_are_drawn_literally(tmp_path):
+    """Tag values are data: ``$\\foo{$`` is not mathtext, and must not fail the figure."""
+    import matplotlib
+
+    from koopkit.pipeline import Group, SpectrumResult, compare_spectra
+    from koopkit.results import Spectrum
+
+    bad = "$\\foo{$"
+    plots.plot_spectra([(bad, Spectrum([0.9, 0.5]))], tmp_path / "s.png", legend_title="$x")
+    spectra = [
+        SpectrumResult(Group((f"{c}{i}",), {}, condition=c, replicate=i), Spectrum([z, 0.5]))
+        for c, z in ((bad, 0.9), ("$1", 0.7))
+        for i in range(3)
+    ]
+    plots.plot_comparison(compare_spectra(spectra, test="permutation"), tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    assert matplotlib.rcParams["text.parse_math"]  # the caller's setting is back
