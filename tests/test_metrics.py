@@ -60,6 +60,12 @@ def test_amplitude_weights_change_the_answer():
     assert Wasserstein(weights="amplitude")(a, b) == pytest.approx(0.25)
 
 
+def test_amplitude_weights_depend_only_on_ratios_even_near_the_float_limit():
+    # Each magnitude is finite but their sum overflows to inf: the masses came out all 0.
+    a, b = S(0, 1, amplitudes=[1.5e308, 0.5e308]), S(0, 1, amplitudes=[1, 1])
+    assert Wasserstein(weights="amplitude")(a, b) == pytest.approx(0.25)
+
+
 def test_amplitude_weights_need_amplitudes():
     with pytest.raises(EstimationError, match="'b' without amplitudes"):
         Wasserstein(weights="amplitude")(S(0, amplitudes=[1]), S(1))

@@ -1,5 +1,6 @@
 """Significance tests on groups of spectra, and Holm's correction."""
 
+import itertools
 import math
 import time
 
@@ -82,6 +83,19 @@ def test_permutation_exact_p_values_by_hand():
     result = PermutationTest().run_on_distances(d, list("aaabbbb"))
     assert result.n_perm == math.comb(7, 3)
     assert result.p_value == 1 / 35
+
+
+@pytest.mark.parametrize("positions", [np.arange(10.0), [0, 0, 0, 1, 1, 1, 1, 2, 2, 5]])
+def test_exact_permutation_p_value_has_its_size_under_every_labelling(positions):
+    # Exchangeable spectra make each of the C(10, 3) labellings equally likely, so the
+    # share of labellings with p <= alpha is the test's size: at most alpha, ties included.
+    d = line_distances(positions)
+    p = []
+    for chosen in itertools.combinations(range(10), 3):
+        labels = ["a" if i in chosen else "b" for i in range(10)]
+        p.append(PermutationTest().run_on_distances(d, labels).p_value)
+    for alpha in (0.01, 0.05, 0.1, 0.5):
+        assert np.mean(np.array(p) <= alpha) <= alpha
 
 
 def test_permutation_statistic_by_hand():
@@ -281,6 +295,14 @@ def test_bootstrap_score_counts_the_draws_without_separation():
     assert mixed.p_value == 1.0  # interleaved: every draw has between <= within
 
 
+@pytest.mark.parametrize("scale", [1 / 3, 1e-5, 1e5, 1e-200, 1e200])
+def test_bootstrap_score_does_not_depend_on_the_unit_of_the_distances(scale):
+    # interleaved: between equals within in many draws, up to rounding that depends on
+    # the unit; those draws must still count as "no separation"
+    d = line_distances([0, 1, 0.5, 1.5]) * scale
+    assert BootstrapTest(n_boot=500, seed=1).run_on_distances(d, list("aabb")).p_value == 1.0
+
+
 def test_only_the_permutation_test_is_calibrated():
     assert PermutationTest.calibrated is True
     assert BootstrapTest.calibrated is False and EigenSwapControl.calibrated is False
@@ -308,6 +330,24 @@ def test_permutation_p_value_does_not_depend_on_the_unit_of_the_distances(scale)
     assert scaled.p_value == reference.p_value
     sampled = PermutationTest(n_perm=99).run_on_distances(d * scale, labels)
     assert sampled.p_value == PermutationTest(n_perm=99).run_on_distances(d, labels).p_value
+
+
+@pytest.mark.parametrize(
+    "test",
+    [PermutationTest(), PermutationTest(n_perm=99), BootstrapTest()],
+    ids=["exact", "sampled", "bootstrap"],
+)
+def test_distances_near_the_float_limit_give_the_same_answer(test):
+    # Distances of 1e307 are finite, but sums over the n^2 pairs overflow to inf and
+    # inf - inf is NaN; a NaN statistic is never "at least as extreme", so p fell to 0.
+    rng = np.random.default_rng(13)
+    d = line_distances(np.r_[rng.random(4), 1 + rng.random(4)])
+    labels = list("aaaabbbb")
+    reference = test.run_on_distances(d, labels)
+    huge = test.run_on_distances(d * 1e307, labels)
+    assert huge.p_value == reference.p_value
+    assert huge.statistic == pytest.approx(reference.statistic * 1e307)
+    np.testing.assert_allclose(huge.null, reference.null * 1e307)
 
 
 @pytest.mark.parametrize("scale", [1e-13, 1e-20, 1e8])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 import zipfile
 
 import numpy as np
@@ -544,3 +545,77 @@ def test_a_store_another_process_just_created_is_opened(tmp_path, monkeypatch):
     group = location.open_root(url, writable=True)
     assert group.attrs[layout.NAMESPACE]["format"] == layout.FORMAT_NAME
     assert calls[0] == calls[-1] == "a" and len(calls) == 3
+
+
+def _append_rows(url, steps):
+    table = [{"name": "w", "offset": 0, "shape": [4], "dtype": "float32"}]
+    spec = SeriesSpec(
+        "params", (4,), attrs={"kind": "full", "tensors": table}, chunk_steps=2, row_dims=("param",)
+    )
+    writer = RunWriter(url, "r", {"tags": {}})
+    writer.add_series(spec)
+    writer.append("params", steps, np.repeat(steps.astype(np.float32)[:, None], 4, axis=1))
+    writer.close()
+
+
+def test_consolidated_metadata_is_never_read_stale(tmp_path):
+    """A root document holding consolidated metadata (``zarr.consolidate_metadata``, or xarray's
+    ``to_zarr``) is a snapshot koopkit never updates: readers and writers use the live nodes."""
+    url = tmp_path / "s.zarr"
+    _append_rows(url, np.arange(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not part of the Zarr format 3 specification"
+        zarr.consolidate_metadata(str(url))
+    _append_rows(url, np.arange(3, 8))
+    store = koopkit.open_store(url)
+    assert store.run("r").committed("params") == 8
+    assert store.trajectory("r").shape == (8, 4) and store.steps("r").tolist() == list(range(8))
+    _append_rows(url, np.arange(8, 10))  # resumes after the 8 rows, not the snapshot's 3
+    view = koopkit.open_store(url).trajectory("r")
+    np.testing.assert_array_equal(view[:, 0], np.arange(10))
+
+
+def _truncate_chunk(url, array, chunk):
+    path = url / "runs" / RUN / array / "c" / chunk
+    path.write_bytes(path.read_bytes()[:-5])
+
+
+def _recompress(url, array, **options):
+    """``array`` of the run written again by zarr, with the same data and metadata."""
+    root = zarr.open_group(url, mode="r+")
+    old = root[f"runs/{RUN}/{array}"]
+    parent, name = f"runs/{RUN}/{array}".rsplit("/", 1)
+    data, attrs, dims = old[...], old.attrs.asdict(), old.metadata.dimension_names
+    del root[parent][name]
+    new = root[parent].create_array(
+        name, data=data, attributes=attrs, dimension_names=dims, **options
+    )
+    assert new.shape == data.shape
+
+
+READS = {
+    "trajectory": lambda url: koopkit.open_store(url).trajectory(RUN)[:],
+    "dask": lambda url: koopkit.open_store(url).array(RUN).compute(),
+    "open_run": lambda url: koopkit.open_run(url, RUN)["params"]["value"].values,
+    "tensor": lambda url: (
+        koopkit.open_run(url, RUN).koopkit.tensor("0.bias").values
+    ),  # columns 15-19
+}
+
+
+@pytest.mark.parametrize("read", READS.values(), ids=READS.keys())
+@pytest.mark.parametrize("compressors", [None, "zstd"])
+def test_a_truncated_chunk_is_named_by_every_reader(copy, read, compressors):
+    codec = zarr.codecs.ZstdCodec(level=1) if compressors else None
+    _recompress(copy, "params/value", chunks=(4, 8), compressors=codec)
+    _truncate_chunk(copy, "params/value", "1/2")
+    with pytest.raises(StoreError, match="Cannot read") as caught:
+        read(copy)
+    message = str(caught.value)
+    assert "params/value" in message and "c/1/2" in message and len(message.splitlines()) == 1
+
+
+def test_a_truncated_step_chunk_is_named(copy):
+    _truncate_chunk(copy, "params/step", "0")
+    with pytest.raises(StoreError, match=r"Cannot read chunk 'c/0' of .*params/step"):
+        koopkit.open_store(copy).steps(RUN)

@@ -94,11 +94,16 @@ def open_root(url, *, writable: bool = False):
 
 
 def _open_root(url, writable: bool, racing: bool = False):
+    """The root group, its nodes always read from their own documents: consolidated metadata
+    (``zarr.consolidate_metadata``, xarray's ``to_zarr``) is a snapshot no writer here updates,
+    and through it a reader would miss committed rows and a resumed writer overwrite them."""
     import zarr
 
     store = _zarr_store(url, writable=writable)
     try:
-        group = zarr.open_group(store, mode="r" if not writable else "a", zarr_format=3)
+        group = zarr.open_group(
+            store, mode="r" if not writable else "a", zarr_format=3, use_consolidated=False
+        )
     except (FileNotFoundError, KeyError) as exc:
         raise NotAStoreError(f"No koopkit store at {os.fspath(url)!r}.") from exc
     except StoreError:

@@ -15,15 +15,25 @@ and the caller reads the store through zarr instead, so the answer never differs
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import os
 import struct
 from typing import NamedTuple
 
 from ..errors import StoreError
 
-__all__ = ["ArrayDocument", "ArrayMeta", "LocalNodes", "NotCanonical", "ZarrNodes", "parse_array"]
+__all__ = [
+    "ArrayDocument",
+    "ArrayMeta",
+    "LocalNodes",
+    "NotCanonical",
+    "ZarrNodes",
+    "parse_array",
+    "unreadable_chunk",
+]
 
 ZARR_JSON = "zarr.json"
 MAX_CHUNK_ROWS = 2**24  # step chunks read here; larger ones (koopkit writes 1024) go to zarr
@@ -137,7 +147,61 @@ class ZarrNodes:
         import numpy as np
 
         array = self.node(path)
-        return np.asarray(array[: min(stop, array.shape[0])])
+        key = slice(0, min(stop, array.shape[0]))
+        try:
+            return np.asarray(array[key])
+        except Exception as exc:  # a chunk that does not decode is the store's fault
+            where = path if self.url is None else f"{path} in {self.url!r}"
+            raise unreadable_chunk(array, key, where, exc) from exc
+
+
+def unreadable_chunk(array, key, where: str, exc: BaseException) -> StoreError:
+    """The error for ``array[key]`` failing in zarr: names the first stored chunk of the
+    selection that fails when read alone (zarr's own message names no chunk)."""
+    chunk = next(
+        (name for name, region in _stored_chunks(array, key) if _fails(array, region)), None
+    )
+    what = where if chunk is None else f"chunk {chunk!r} of {where}"
+    return StoreError(f"Cannot read {what}: {type(exc).__name__}: {exc}")
+
+
+def _fails(array, region) -> bool:
+    try:
+        array[region]
+    except Exception:
+        return True
+    return False
+
+
+def _stored_chunks(array, key):
+    """(key, region) of each stored chunk (a shard, when sharded) that ``key`` touches, for keys
+    of ints and slices; nothing for other keys."""
+    try:
+        grid = tuple(array.metadata.chunk_grid.chunk_shape)
+    except Exception:  # a chunk grid that is not regular
+        return
+    key = key if isinstance(key, tuple) else (key,)
+    spans = []
+    for index, length, size in itertools.zip_longest(key, array.shape, grid):
+        if index is None or length is None:  # axes past the key are read whole
+            index = slice(None)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(length or 0)
+            if step < 0 or start >= stop:
+                return
+            last = start + (stop - 1 - start) // step * step
+        else:
+            try:
+                start = last = operator.index(index) % length
+            except (TypeError, ZeroDivisionError):  # a list of indices, or an empty axis
+                return
+        spans.append(range(start // size, last // size + 1))
+    for coords in itertools.product(*spans):
+        region = tuple(
+            slice(c * size, min((c + 1) * size, length))
+            for c, size, length in zip(coords, grid, array.shape, strict=True)
+        )
+        yield array.metadata.encode_chunk_key(coords), region
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from ..errors import (
 )
 from . import layout
 from .location import local_path, open_local_nodes, open_root
-from .nodes import ZarrNodes
+from .nodes import ZarrNodes, unreadable_chunk
 from .schema import validate_attrs
 
 if TYPE_CHECKING:
@@ -73,9 +73,14 @@ class CommittedRows:
             raise TypeError("rows of a stored series are indexed by an int or a slice")
         try:
             block = self._from_files(first, rest) if self.files is not None else None
-            return self.array[(first, *rest)] if block is None else block
-        except Exception as exc:  # a chunk that does not decode is the store's fault
+        except Exception as exc:  # a chunk file of the wrong size: the message names it
             raise StoreError(f"Cannot read {self.where}: {type(exc).__name__}: {exc}") from exc
+        if block is not None:
+            return block
+        try:
+            return self.array[(first, *rest)]
+        except Exception as exc:  # a chunk that does not decode is the store's fault
+            raise unreadable_chunk(self.array, (first, *rest), self.where, exc) from exc
 
     def _from_files(self, rows, rest):
         """``[rows, columns]`` read from the chunk files: a non-empty block, steps of 1."""
@@ -247,11 +252,23 @@ class TrajectoryStore:
         ]
 
     def array(self, run_id: str, path: str = layout.PARAMS):
-        """The committed rows of a series as a lazy dask array (steps, ...)."""
+        """The committed rows of a series as a lazy dask array (steps, ...), one block a chunk.
+
+        Blocks are read through ``trajectory``: a chunk that does not decode is a StoreError
+        naming it, and uncompressed columns come straight from the chunk files.
+        """
         import dask.array as da
+        import numpy as np
+        from dask.base import tokenize
 
         view = self.trajectory(run_id, path)
-        return da.from_zarr(view.array)[: view.shape[0]]
+        return da.from_array(
+            view,
+            chunks=view.chunks,
+            name=f"koopkit-{tokenize(self.url, run_id, path, view.shape, str(view.dtype))}",
+            fancy=False,
+            meta=np.empty((0,) * view.ndim, dtype=view.dtype),
+        )
 
     def trajectory(self, run_id: str, path: str = layout.PARAMS) -> CommittedRows:
         """The committed rows of a series as a lazily sliced array, for streaming estimators."""

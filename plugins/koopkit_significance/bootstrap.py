@@ -81,6 +81,12 @@ class BootstrapTest(DistanceTest):
         """
         in_a = condition_mask(labels)
         d = check_distances(distances, in_a.size)
+        # Work in units of the largest distance and scale back: in the distances' own unit
+        # sums over many pairs can overflow to inf (inf - inf is NaN, never <= 0), and a
+        # draw whose between mean equals its within mean can differ in the last bits,
+        # whichever the unit; the tolerance below is relative to the distances.
+        scale = float(np.abs(d).max()) or 1.0
+        d = d / scale
         a, b = np.flatnonzero(in_a), np.flatnonzero(~in_a)
         rng = np.random.default_rng(self.seed)
         draw_a = a[rng.integers(0, a.size, (self.n_boot, a.size))]
@@ -91,12 +97,16 @@ class BootstrapTest(DistanceTest):
         pairs = pairs_a + pairs_b
         defined = pairs > 0
         gap = between[defined] - (sum_a + sum_b)[defined] / pairs[defined]
-        p = (1 + np.count_nonzero(gap <= 0)) / (1 + gap.size) if gap.size else float("nan")
+        p = (1 + np.count_nonzero(gap <= 1e-12)) / (1 + gap.size) if gap.size else float("nan")
         tails = [(1 - self.level) / 2, (1 + self.level) / 2]
-        low, high = np.quantile(between, tails)
-        observed = float(d[np.ix_(a, b)].mean())
+        low, high = scale * np.quantile(between, tails)
+        observed = scale * float(d[np.ix_(a, b)].mean())
         return TestResult(
-            observed, float(p), between, n_perm=self.n_boot, interval=(float(low), float(high))
+            observed,
+            float(p),
+            scale * between,
+            n_perm=self.n_boot,
+            interval=(float(low), float(high)),
         )
 
 

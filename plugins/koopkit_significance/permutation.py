@@ -106,16 +106,23 @@ class PermutationTest(DistanceTest):
 
 
 def _statistic(d: np.ndarray, in_a: np.ndarray) -> np.ndarray:
-    """Between-minus-within mean distance for each row of a ``(P, n)`` indicator of ``A``."""
+    """Between-minus-within mean distance for each row of a ``(P, n)`` indicator of ``A``.
+
+    The sums are formed in units of the largest distance: in the distances' own unit they
+    can overflow to inf, and inf - inf is a NaN that no arrangement counts as "at least as
+    extreme", which would drive p to 0.
+    """
     n_a = int(in_a[0].sum())
     n_b = in_a.shape[1] - n_a
+    scale = float(np.abs(d).max()) or 1.0
+    d = d / scale
     m = in_a.astype(np.float64)
     md = m @ d
     twice_aa = np.einsum("pi,pi->p", md, m)
     between = md.sum(axis=1) - twice_aa
     twice_bb = d.sum() - twice_aa - 2.0 * between
     within_pairs = math.comb(n_a, 2) + math.comb(n_b, 2)
-    return between / (n_a * n_b) - (twice_aa + twice_bb) / (2.0 * within_pairs)
+    return scale * (between / (n_a * n_b) - (twice_aa + twice_bb) / (2.0 * within_pairs))
 
 
 def _all_arrangements(n: int, n_a: int) -> np.ndarray:

@@ -62,10 +62,11 @@ def amplitude_weights(spectrum, arg: str) -> np.ndarray:
         raise NonFiniteDataError(
             f"Invalid spectrum {arg!r}: amplitudes hold NaN or Inf; expected finite amplitudes."
         )
-    total = magnitude.sum()
-    if total <= 0:
+    peak = magnitude.max()
+    if peak <= 0:
         raise EstimationError(
-            f"Invalid spectrum {arg!r}: amplitudes sum to {total!r} in magnitude; "
-            "expected at least one nonzero amplitude."
+            f"Invalid spectrum {arg!r}: amplitudes sum to {float(magnitude.sum())!r} in "
+            "magnitude; expected at least one nonzero amplitude."
         )
-    return magnitude / total
+    magnitude = magnitude / peak  # finite magnitudes can still sum to inf
+    return magnitude / magnitude.sum()
