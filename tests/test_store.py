@@ -573,6 +573,10 @@ def test_consolidated_metadata_is_never_read_stale(tmp_path):
     _append_rows(url, np.arange(8, 10))  # resumes after the 8 rows, not the snapshot's 3
     view = koopkit.open_store(url).trajectory("r")
     np.testing.assert_array_equal(view[:, 0], np.arange(10))
+    # the writer dropped the snapshot, so plain zarr (which trusts one) reads the live rows
+    assert json.loads((url / "zarr.json").read_text()).get("consolidated_metadata") is None
+    plain = zarr.open_group(str(url), mode="r")[f"runs/r/{layout.PARAMS}/value"]
+    assert plain.shape[0] == 10
 
 
 def _truncate_chunk(url, array, chunk):

@@ -6,6 +6,7 @@ documents read without zarr, refused in exactly the same words when it is not a 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -87,10 +88,24 @@ def open_root(url, *, writable: bool = False):
     """
     for wait in (0.01, 0.03, 0.1, 0.3) if writable else ():
         try:
-            return _open_root(url, writable, racing=True)
+            return _drop_snapshot(_open_root(url, writable, racing=True), url)
         except ValueError:  # zarr's ContainsGroupError, or a root document being written
             time.sleep(wait)
-    return _open_root(url, writable)
+    group = _open_root(url, writable)
+    return _drop_snapshot(group, url) if writable else group
+
+
+def _drop_snapshot(group, url):
+    """Remove a local store's consolidated metadata before writing into it: the snapshot
+    would go stale with the first row, and plain zarr and xarray readers trust it."""
+    path = local_path(url)
+    try:
+        document = json.loads((path / "zarr.json").read_bytes()) if path else {}
+    except (OSError, ValueError):
+        return group
+    if document.get("consolidated_metadata") is not None:
+        group.attrs.update(group.attrs.asdict())  # rewrites the root document without it
+    return group
 
 
 def _open_root(url, writable: bool, racing: bool = False):
