@@ -178,6 +178,22 @@ def test_grads_equal_p_grad_when_step_is_called_before_zero_grad(memory_url, tin
     assert not np.all(values[1:] == 0)
 
 
+def test_sparse_gradients_are_recorded_dense(memory_url):
+    """``nn.Embedding(sparse=True)`` gives a sparse ``p.grad``; the snapshot used to fail with
+    "reshape is not implemented for sparse tensors" inside the training loop."""
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(6, 3, sparse=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with koopkit.Recorder(memory_url, "r", model, grads=True, initial=False) as rec:
+        model(torch.tensor([1, 4, 1])).pow(2).sum().backward()
+        expected = model.weight.grad.to_dense().reshape(-1).numpy().copy()
+        opt.step()
+        rec.step()
+    steps, values = read(memory_url, path="grads")
+    assert steps.tolist() == [1]
+    np.testing.assert_array_equal(values[0], expected)
+
+
 def _first_output(model, inputs):
     with torch.no_grad():
         return model(inputs)[:, 0]
@@ -224,6 +240,22 @@ def test_probes_are_stored_per_sample_with_ids_and_labels(memory_url, tiny_model
     assert validate_store(memory_url)[0] == []
 
 
+def test_the_default_probe_restores_each_submodule_mode(memory_url):
+    """Fine-tuning keeps a frozen BatchNorm in eval mode while the rest trains; the probe used
+    to restore ``model.train()`` on every submodule, so the frozen statistics drifted."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    )
+    model[1].eval()
+    frozen = model[1].running_mean.clone()
+    with koopkit.Recorder(memory_url, "r", model, probes={"p": torch.randn(5, 3)}) as rec:
+        rec.step()
+        model(torch.randn(8, 3))  # the next training batch
+    assert [m.training for m in model] == [True, False, True]
+    torch.testing.assert_close(model[1].running_mean, frozen)
+
+
 def test_probe_fn_with_autograd_enabled(memory_url, tiny_model):
     model = tiny_model()
     inputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
@@ -261,6 +293,18 @@ def test_scalar_tensor_and_python_numbers_both_log(memory_url, tiny_model):
     store = koopkit.open_store(memory_url)
     assert np.asarray(store.array("r", "scalars/acc")).tolist() == [0, 0.25, 0.5]
     assert np.asarray(store.array("r", "scalars/n")).tolist() == [0, 1, 2]
+
+
+def test_a_scalar_first_logged_under_inference_mode_logs_outside_it(memory_url, tiny_model):
+    """An evaluation under ``torch.inference_mode()`` used to create the scalar's batch as an
+    inference tensor, so the next value logged outside it raised."""
+    with koopkit.Recorder(memory_url, "r", tiny_model()) as rec:
+        with torch.inference_mode():
+            rec.log(acc=torch.tensor(0.25))
+        rec.step()
+        rec.log(acc=0.5)
+    acc = koopkit.open_store(memory_url).array("r", "scalars/acc")
+    assert np.asarray(acc).tolist() == [0.25, 0.5]
 
 
 def test_logging_a_scalar_twice_at_one_step_is_refused_immediately(memory_url, tiny_model):
@@ -488,6 +532,22 @@ def test_shape_change_mid_run_names_the_parameter(memory_url, tiny_model):
     assert store.run("r").status == "interrupted"
     assert store.steps("r").tolist() == [0, 1, 2]
     assert validate_store(memory_url)[0] == []
+
+
+def test_a_parameter_added_mid_run_to_a_full_recording_is_refused(memory_url, tiny_model):
+    """``params=True`` records the whole model; an adapter added after the Recorder opened
+    used to be left out silently while the run still said ``kind: full``."""
+    model = tiny_model()
+    with pytest.raises(ShapeChangedError, match=r"'3\.weight', '3\.bias'.*added at step 2"):
+        with koopkit.Recorder(memory_url, "r", model) as rec:
+            train(model, rec, 1)
+            model.append(torch.nn.Linear(2, 2))
+            rec.step()
+    assert koopkit.open_store(memory_url).steps("r").tolist() == [0, 1]
+    with koopkit.Recorder(memory_url, "named", model, params=["0.weight"]) as rec:
+        model.append(torch.nn.Linear(2, 2))
+        rec.step()  # a named selection is unaffected
+    assert koopkit.open_store(memory_url).steps("named").tolist() == [0, 1]
 
 
 def test_replaced_parameter_of_the_same_shape_is_followed(memory_url, tiny_model):
@@ -1046,15 +1106,19 @@ def test_params_and_grads_sketches_project_independently(memory_url, tiny_model)
     assert history.committed("params") == history.committed("grads") == 1
 
 
-def test_float16_sketch_is_the_rounded_float32_sketch(memory_url, tiny_model):
-    """The projection sums in float32 and rounds once, not term by term in float16."""
+@pytest.mark.parametrize("method", sk.METHODS)
+def test_float16_sketch_is_the_rounded_float32_sketch(memory_url, tiny_model, method):
+    """The projection sums in float32 and rounds once, not term by term in float16 (the
+    Gaussian sketch used to round the parameters and its matrix to float16 first)."""
     model = tiny_model()
     n = sum(p.numel() for p in model.parameters())
-    with koopkit.Recorder(memory_url, "r", model, sketch=4, dtype="float16") as rec:
+    with koopkit.Recorder(
+        memory_url, "r", model, sketch=4, sketch_method=method, dtype="float16"
+    ) as rec:
         history = train(model, rec, 3)
     values = np.asarray(koopkit.open_store(memory_url).array("r"))
     assert values.dtype == np.float16
-    sketch = sk.make_sketch("countsketch", 4, n, 0, "cpu")
+    sketch = sk.make_sketch(method, 4, n, 0, "cpu")
     for step in range(4):
         params = torch.from_numpy(history["params"][step])
         wide = sketch.project([params], torch.empty(4))

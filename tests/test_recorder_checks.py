@@ -110,6 +110,23 @@ def test_probe_names_and_kinds_are_checked(memory_url, tiny_model):
     assert_nothing_created(memory_url)
 
 
+class _Complex(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.real = torch.nn.Linear(3, 2)
+        self.phase = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"sketch": 4}], ids=["raw", "sketch"])
+def test_complex_parameters_are_refused_not_cast_to_real(memory_url, kwargs):
+    """Copying a complex parameter into a real row used to drop its imaginary part."""
+    with pytest.raises(ValueError, match=r"'phase'.*complex64"):
+        koopkit.Recorder(memory_url, "r", _Complex(), **kwargs).open()
+    assert_nothing_created(memory_url)
+    store = record_one_step(memory_url, _Complex(), params="real")
+    assert store.root["runs/r/params/value"].shape == (2, 8)
+
+
 @pytest.mark.parametrize(
     "probe, match",
     [
@@ -119,8 +136,17 @@ def test_probe_names_and_kinds_are_checked(memory_url, tiny_model):
         (Probe(torch.zeros(2, 3), labels=[None, 1]), r"labels of probe 'p'.*numbers or strings"),
         (Probe(torch.zeros(2, 3), fn=lambda m, x: 1.0), r"probe 'p'.*output"),
         (Probe(torch.zeros(2, 3), fn=lambda m, x: m(x).sum()), r"probe 'p'.*output is \(\)"),
+        (Probe(torch.zeros(2, 3), fn=lambda m, x: torch.fft.fft(m(x))), r"probe 'p'.*complex64"),
     ],
-    ids=["short-ids", "short-labels", "2d-labels", "object-labels", "not-a-tensor", "0-d"],
+    ids=[
+        "short-ids",
+        "short-labels",
+        "2d-labels",
+        "object-labels",
+        "not-a-tensor",
+        "0-d",
+        "complex",
+    ],
 )
 def test_probe_ids_and_labels_are_one_per_sample(memory_url, tiny_model, probe, match):
     """A length mismatch used to write a store that fails ``koopkit validate``."""

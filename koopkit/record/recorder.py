@@ -42,7 +42,7 @@ class Probe:
     """A fixed probe batch whose per-sample outputs are recorded at every snapshot.
 
     ``fn(model, inputs)`` returns a ``(samples, features)`` tensor; by default the model's
-    output in eval mode without gradients (the mode is restored afterwards).
+    output in eval mode without gradients (each submodule's mode is restored afterwards).
     """
 
     inputs: torch.Tensor
@@ -130,21 +130,31 @@ def _scalar_value(name, value):
 
 
 def _default_probe_fn(model, inputs):
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             return model(inputs)
     finally:
-        model.train(was_training)
+        model.train(modes[0][1])
+        for module, training in modes:  # a frozen BatchNorm kept in eval stays in eval
+            module.training = training
+
+
+def _dense_grad(p):
+    """``p.grad`` to record: zeros where there is none, dense where it is sparse
+    (``nn.Embedding(sparse=True)``), since rows are flat dense vectors."""
+    if p.grad is None:
+        return torch.zeros_like(p)
+    return p.grad if p.grad.layout == torch.strided else p.grad.to_dense()
 
 
 def _select(model, params):
     """(name, parameter) pairs chosen by True, a regex string, or a list of names."""
     named = list(model.named_parameters())
     if params is True:
-        return named, "full"
-    if isinstance(params, str):
+        chosen = named
+    elif isinstance(params, str):
         pattern = re.compile(params)
         chosen = [(n, p) for n, p in named if pattern.search(n)]
     else:
@@ -161,6 +171,12 @@ def _select(model, params):
         chosen = [(n, known[n]) for n in wanted]
     if not chosen:
         raise ValueError(f"params={params!r} selects no parameter of the model.")
+    complex_ = [f"{n!r} ({p.dtype})" for n, p in chosen if p.is_complex()]
+    if complex_:  # a real row would keep only their real part
+        raise ValueError(
+            f"Invalid params: complex parameters {', '.join(complex_)}; koopkit records real "
+            "ones. Select the real parameters with params=[...] or a regex."
+        )
     return chosen, ("full" if len(chosen) == len(named) else "subset")
 
 
@@ -625,6 +641,11 @@ class Recorder:
                 f"Invalid probe {name!r}: its output is {got}; expected a (samples, features) "
                 "or (samples,) tensor."
             )
+        if example.is_complex():  # a real row would keep only the real part
+            raise ValueError(
+                f"Invalid probe {name!r}: its output is {example.dtype}; expected real values "
+                "(torch.view_as_real(output) keeps a complex one)."
+            )
         samples = int(example.shape[0])
         features = int(example[0].numel()) if samples else 0
         if samples == 0 or features == 0:
@@ -740,12 +761,20 @@ class Recorder:
                     "a run records one parameter layout. Start a new run."
                 )
             self._chosen[i] = (name, now)
+        if self.params is True and len(current) > len(self._chosen):
+            recorded = {name for name, _ in self._chosen}
+            added = [name for name in current if name not in recorded]
+            raise ShapeChangedError(
+                f"Parameters {', '.join(map(repr, added))} were added at step {step}; a run "
+                "records one parameter layout. Start a new run, or name the parameters to "
+                "record with params=[...]."
+            )
 
     def _params(self):
         return [p for _, p in self._chosen]
 
     def _grads(self):
-        return [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self._chosen]
+        return [_dense_grad(p) for _, p in self._chosen]
 
     def _flush_stale(self):
         """Hand off the buffers whose oldest row waited ``flush_every_s``; checked a few

@@ -194,7 +194,13 @@ class GaussianSketch:
         return (block / self.dim**0.5).to(self.device)
 
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
-        """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``."""
+        """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``.
+
+        Sums run in at least float32; a float16 or bfloat16 ``out`` gets the rounded result.
+        """
+        if out.dtype in (torch.float16, torch.bfloat16):
+            wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            return out.copy_(self.project(tensors, wide))
         x = torch.cat([t.detach().reshape(-1).to(out.dtype) for t in tensors])
         out.zero_()
         for j, start in enumerate(range(0, self.size, self.block)):
