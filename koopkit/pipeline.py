@@ -191,6 +191,45 @@ def _group_interval(store, group: Group, series: str) -> int | None:
     return known.pop() if known else None
 
 
+class _FlatRows:
+    """A (step, sample, feature) series seen as (step, sample x feature), read lazily.
+
+    A block of columns reads only the samples it covers; estimators slice ``[rows, columns]``.
+    """
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.width = int(np.prod(rows.shape[2:], dtype=np.int64))
+        self.shape = (int(rows.shape[0]), int(rows.shape[1]) * self.width)
+        self.dtype = rows.dtype
+        self.ndim = 2
+
+    def __getitem__(self, key):
+        steps, columns = (*(key if isinstance(key, tuple) else (key,)), slice(None))[:2]
+        first, last = 0, int(self.rows.shape[1])
+        contiguous = isinstance(columns, slice) and columns.indices(self.shape[1])[2] == 1
+        if contiguous:  # read only the samples these columns cover
+            start, stop, _ = columns.indices(self.shape[1])
+            first = start // self.width
+            last = max(first, -(-stop // self.width))
+            columns = slice(start - first * self.width, max(start, stop) - first * self.width)
+        block = np.asarray(self.rows[steps, first:last])
+        flat = block.reshape(-1) if not isinstance(steps, slice) else block.reshape(len(block), -1)
+        return flat[..., columns]
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[:, :]
+        return data if dtype is None else data.astype(dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+
+def _as_rows(trajectory):
+    """A stored series as (step, features): probes' (sample, feature) become its features."""
+    return _FlatRows(trajectory) if trajectory.ndim > 2 else trajectory
+
+
 def estimate_groups(
     store, groups, estimator="dmd", params=None, series="params", progress=False
 ) -> list[SpectrumResult]:
@@ -204,7 +243,7 @@ def estimate_groups(
     for i, group in enumerate(groups, 1):
         _progress(f"[{i}/{len(groups)}] {estimator}: {', '.join(group.runs)}", progress)
         interval = _group_interval(store, group, series)
-        trajectories = [store.trajectory(run_id, series) for run_id in group.runs]
+        trajectories = [_as_rows(store.trajectory(run_id, series)) for run_id in group.runs]
         try:
             spectrum = est.fit(trajectories)
         except EstimationError as exc:  # the same error, naming the runs it concerns

@@ -434,3 +434,34 @@ def test_demo_out_that_cannot_be_created_is_one_plain_line(cli_runner, tmp_path)
     assert (
         line == f"Error: Cannot write {str(tmp_path / 'afile' / 'sub')!r} (--out): Not a directory."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# --series probes/NAME: a (step, sample, feature) series is analysed with samples x features
+# as its features
+
+
+def test_a_probe_series_is_analysed_with_samples_and_features_flattened(cli_runner, tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 3), torch.randn(32, 2)
+    url = tmp_path / "runs.zarr"
+    probe = koopkit.Probe(torch.randn(4, 3), ["a", "b", "c", "d"])
+    with koopkit.Recorder(url, run="r", model=model, probes={"p": probe}) as rec:
+        for _ in range(30):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step()
+    result = cli_runner(
+        "spectrum", url, "--series", "probes/p", "--rank", "3", "--no-save", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    (spectrum,) = _strict_json(result.stdout)["spectra"]
+    outputs = np.asarray(koopkit.open_run(url, "r")["probes/p"]["value"])
+    assert outputs.shape == (31, 4, 2)
+    expected = koopkit.estimate(outputs.reshape(31, 8), rank=3).eigenvalues
+    got = np.array([complex(re, im) for re, im in spectrum["eigenvalues"]])
+    np.testing.assert_allclose(np.sort_complex(got), np.sort_complex(expected), atol=1e-10)
