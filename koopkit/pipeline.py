@@ -231,18 +231,30 @@ def _as_rows(trajectory):
 
 
 def estimate_groups(
-    store, groups, estimator="dmd", params=None, series="params", progress=False
+    store,
+    groups,
+    estimator="dmd",
+    params=None,
+    series="params",
+    progress=False,
+    one_interval=False,
 ) -> list[SpectrumResult]:
     """One spectrum per group, each from all the group's runs jointly.
 
     Each spectrum's ``meta["step_interval"]`` is the optimizer steps between its rows: an
-    eigenvalue is per that many steps.
+    eigenvalue is per that many steps. Intervals are checked before anything is fitted;
+    ``one_interval`` (a comparison) also refuses groups of different intervals.
     """
     est = create("estimator", estimator, **(params or {}))
+    groups = list(groups)
+    intervals = [_group_interval(store, group, series) for group in groups]
+    if one_interval:
+        _check_one_interval(
+            (interval, group.runs[0]) for interval, group in zip(intervals, groups, strict=True)
+        )
     results = []
-    for i, group in enumerate(groups, 1):
+    for i, (group, interval) in enumerate(zip(groups, intervals, strict=True), 1):
         _progress(f"[{i}/{len(groups)}] {estimator}: {', '.join(group.runs)}", progress)
-        interval = _group_interval(store, group, series)
         trajectories = [_as_rows(store.trajectory(run_id, series)) for run_id in group.runs]
         try:
             spectrum = est.fit(trajectories)
@@ -399,14 +411,16 @@ def run_tests(d, labels, conditions, test, metric, spectra):
     return p, results
 
 
-def _check_one_interval(spectra: list[SpectrumResult]) -> None:
+def _check_one_interval(intervals_and_runs) -> None:
     """Spectra of different step intervals hold eigenvalues of different time steps
-    (``lambda`` against ``lambda ** k``): their distances would measure the sampling."""
+    (``lambda`` against ``lambda ** k``): their distances would measure the sampling.
+
+    Takes (step interval, a run) pairs, one per spectrum or group.
+    """
     intervals = {}
-    for r in spectra:
-        interval = r.spectrum.meta.get("step_interval")
+    for interval, run in intervals_and_runs:
         if interval is not None:
-            intervals.setdefault(interval, r.group.runs[0])
+            intervals.setdefault(interval, run)
     if len(intervals) > 1:
         shown = ", ".join(f"every {k} (run {run!r})" for k, run in sorted(intervals.items()))
         raise SelectionError(
@@ -444,7 +458,7 @@ def _condition_labels(spectra: list[SpectrumResult]) -> np.ndarray:
 
 def _compare(spectra, metric_fn, test, test_obj, replicated) -> Comparison:
     """:func:`compare_spectra` with the metric and the test already created."""
-    _check_one_interval(spectra)
+    _check_one_interval((r.spectrum.meta.get("step_interval"), r.group.runs[0]) for r in spectra)
     labels = _condition_labels(spectra)
     conditions = list(dict.fromkeys(labels.tolist()))
     if len(conditions) < 2:
@@ -504,7 +518,9 @@ def compare_store(
     test_obj = create("test", test, **(test_params or {})) if test else None
     opened = store if isinstance(store, TrajectoryStore) else open_store(store)
     groups = group_runs(opened, where, by, replicate, series)
-    spectra = estimate_groups(opened, groups, estimator, estimator_params, series, progress)
+    spectra = estimate_groups(
+        opened, groups, estimator, estimator_params, series, progress, one_interval=True
+    )
     comparison = _compare(spectra, metric_fn, test, test_obj, bool(replicate))
     if save:
         from .store.analyses import save_comparison

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from koopkit_dmd.estimators import DMD
 
 from koopkit.errors import EstimationError, SelectionError
 from koopkit.pipeline import compare_store, estimate_groups, group_runs
@@ -34,7 +35,7 @@ def test_rows_at_uneven_steps_are_refused_naming_the_run(tmp_path):
         estimate_groups(store, group_runs(store), "dmd", {"rank": 3})
 
 
-def test_the_step_interval_is_recorded_and_compared(tmp_path):
+def test_the_step_interval_is_recorded_and_compared(tmp_path, monkeypatch):
     url = str(tmp_path / "s.zarr")
     data = decay(61)
     for seed in range(2):
@@ -55,6 +56,11 @@ def test_the_step_interval_is_recorded_and_compared(tmp_path):
         SelectionError, match=r"one step interval to compare\. Got every 1 .*every 3"
     ):
         compare_store(url, by="c", replicate="seed", estimator_params={"rank": 3}, save=False)
+    fitted = []
+    monkeypatch.setattr(DMD, "fit", lambda self, data: fitted.append(data))
+    with pytest.raises(SelectionError, match="one step interval to compare"):
+        compare_store(url, by="c", replicate="seed", save=False)
+    assert fitted == []  # refused before any group was estimated
 
 
 def test_estimation_errors_name_the_runs(tmp_path):

@@ -51,6 +51,8 @@ def record_one_step(url, model, run="r", **kwargs):
         ({"start_step": True}, "start_step=True"),
         ({"start_step": 2.0}, "start_step=2.0"),
         ({"params": ["0.weight", "0.weight"]}, "more than once"),
+        ({"max_inflight_bytes": 0}, "max_inflight_bytes=0"),
+        ({"max_inflight_bytes": 2.5e8}, "max_inflight_bytes=250000000.0"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else None,
 )
@@ -59,6 +61,14 @@ def test_bad_arguments_are_refused_before_anything_is_written(
 ):
     with pytest.raises(ValueError, match=match):
         koopkit.Recorder(memory_url, "r", tiny_model(), **kwargs).open()
+    assert_nothing_created(memory_url)
+
+
+def test_a_model_on_the_meta_device_is_refused_before_anything_is_written(memory_url, tiny_model):
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"'weight', 'bias' are on the meta device"):
+        koopkit.Recorder(memory_url, "r", model).open()
     assert_nothing_created(memory_url)
 
 
@@ -137,6 +147,7 @@ def test_complex_parameters_are_refused_not_cast_to_real(memory_url, kwargs):
         (Probe(torch.zeros(2, 3), fn=lambda m, x: 1.0), r"probe 'p'.*output"),
         (Probe(torch.zeros(2, 3), fn=lambda m, x: m(x).sum()), r"probe 'p'.*output is \(\)"),
         (Probe(torch.zeros(2, 3), fn=lambda m, x: torch.fft.fft(m(x))), r"probe 'p'.*complex64"),
+        (Probe(torch.zeros(3, 3), ids=[7, 8, 7]), r"ids of probe 'p'.*distinct"),
     ],
     ids=[
         "short-ids",
@@ -146,6 +157,7 @@ def test_complex_parameters_are_refused_not_cast_to_real(memory_url, kwargs):
         "not-a-tensor",
         "0-d",
         "complex",
+        "repeated-ids",
     ],
 )
 def test_probe_ids_and_labels_are_one_per_sample(memory_url, tiny_model, probe, match):
@@ -174,7 +186,7 @@ def test_a_failing_probe_creates_nothing_and_the_retry_works(memory_url, tiny_mo
     """The probe's first output is computed before the run exists: a probe batch of the
     wrong width used to leave an interrupted run whose params series refused the retry."""
     model = tiny_model()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="probe 'p': evaluating it raised RuntimeError"):
         koopkit.Recorder(memory_url, "exp1", model, probes={"p": torch.zeros(2, 4)}).open()
     assert_nothing_created(memory_url)
     store = record_one_step(

@@ -177,6 +177,12 @@ def _select(model, params):
             f"Invalid params: complex parameters {', '.join(complex_)}; koopkit records real "
             "ones. Select the real parameters with params=[...] or a regex."
         )
+    meta = [repr(n) for n, p in chosen if p.is_meta]
+    if meta:  # nothing to copy: the first snapshot would fail after the run exists
+        raise ValueError(
+            f"Invalid params: {', '.join(meta[:5])} are on the meta device and hold no values; "
+            "materialise the model (model.to_empty(device=...), then load its weights) first."
+        )
     return chosen, ("full" if len(chosen) == len(named) else "subset")
 
 
@@ -356,6 +362,10 @@ class Recorder:
             )
         if not _is_int(start_step) or start_step < 0:
             raise ValueError(f"Invalid start_step={start_step!r}; expected an int >= 0.")
+        if not _is_int(max_inflight_bytes) or max_inflight_bytes < 1:
+            raise ValueError(
+                f"Invalid max_inflight_bytes={max_inflight_bytes!r}; expected an int >= 1."
+            )
         if sketch is not None:
             sketch_method, sketch, seed = check_sketch(sketch_method, sketch, seed)
         elif sketch_method not in METHODS:
@@ -634,7 +644,12 @@ class Recorder:
 
     def _plan_probe(self, name, probe) -> _ProbePlan:
         fn = probe.fn or _default_probe_fn
-        example = fn(self.model, probe.inputs)
+        try:
+            example = fn(self.model, probe.inputs)
+        except Exception as exc:  # inputs the model does not take, most often
+            raise ValueError(
+                f"Invalid probe {name!r}: evaluating it raised {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(example, torch.Tensor) or example.dim() == 0:
             got = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example)
             raise ValueError(
@@ -654,6 +669,8 @@ class Recorder:
             )
         ids = np.arange(samples) if probe.ids is None else probe.ids
         coords = {"sample": ("sample", _probe_coord(name, ids, "ids", samples))}
+        if np.unique(coords["sample"][1]).size != samples:  # ids select samples: one each
+            raise ValueError(f"Invalid ids of probe {name!r}: expected distinct ids per sample.")
         if probe.labels is not None:
             coords["label"] = ("sample", _probe_coord(name, probe.labels, "labels", samples))
         path = layout.series_path(layout.PROBES, name)
