@@ -5,9 +5,12 @@ every step and every 10 steps, a CountSketch (k = 4096) every step, ``torch.save
 per snapshot, and synchronous copies of the flat parameters into a list. Each repetition
 runs every case (in a shuffled order) for ``steps`` timed steps after ``warmup`` steps, each
 right beside a bare run of its own. The steady state is timed; the final flush
-(``Recorder.close``, paid once per run) is reported beside it. The overhead is the median
-over repetitions of ``case / paired bare - 1``. Targets at every 10 steps: < 10% over the bare step and
-<= 1/5 of torch.save's overhead; sketch every step: < 5%.
+(``Recorder.close``) is reported beside it. The overhead is the median over repetitions of
+``case / paired bare - 1``. The flush is not only a once-per-run cost: it writes the rows
+captured in the window whose chunk was not yet written (at every 10 steps, nearly all of
+them), so Recorder rows also give the overhead with the flush counted in the window, an
+upper bound. Targets at every 10 steps: < 10% over the bare step and <= 1/5 of
+torch.save's overhead; sketch every step: < 5%.
 
 Only torch, numpy and koopkit are imported (the Recorder itself needs zarr to write).
 """
@@ -152,7 +155,8 @@ def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    out = {key: {name: [] for name in cases} for key in ("times", "flush", "peaks", "ratios")}
+    keys = ("times", "flush", "peaks", "ratios", "ratios_with_flush")
+    out = {key: {name: [] for name in cases} for key in keys}
 
     def one(name):
         kind, every = cases[name]
@@ -176,7 +180,7 @@ def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
         out["peaks"][name].append(peak.extra_mib)
         seconds = (stop - start) / steps
         out["times"][name].append(seconds)
-        return seconds
+        return seconds, seconds + out["flush"][name][-1] / steps
 
     order = [name for name in cases if name != "bare"]
     for rep in range(repeat):
@@ -184,11 +188,12 @@ def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
         for name in order:
             if rep % 2 == 0:
                 bare = one("bare")
-                ratio = one(name) / bare
+                mine = one(name)
             else:
-                ratio = one(name)
-                ratio /= one("bare")
-            out["ratios"][name].append(ratio)
+                mine = one(name)
+                bare = one("bare")
+            out["ratios"][name].append(mine[0] / bare[0])
+            out["ratios_with_flush"][name].append(mine[1] / bare[1])
     out["peaks"] = {
         n: max((p for p in v if p is not None), default=None) for n, v in out["peaks"].items()
     }
@@ -211,21 +216,34 @@ def rows(name: str, label: str, out: dict, every, sketch) -> list[Result]:
     """
     times = out["times"]
     overhead = {case: median([100 * (r - 1) for r in rs]) for case, rs in out["ratios"].items()}
+    # The Recorder writes a chunk of rows (32 of the 1024-wide MLP's) in its writer thread:
+    # at every 10 steps the timed window holds about one chunk, so nearly all its writing
+    # lands in the final flush, while torch.save writes inside the window. Counting the flush
+    # as if paid within the window bounds the overhead from above.
+    with_flush = {
+        case: median([100 * (r - 1) for r in rs])
+        for case, rs in out.get("ratios_with_flush", {}).items()
+    }
     results = []
     for case, ts in times.items():
         row = Result(name, f"{case}, {label}", median(ts), ts, out["peaks"][case])
+        notes = []
         flush = median(out["flush"][case])
         if flush > 1e-3:
-            row.note = f"final flush {flush:.3g} s"
+            notes.append(f"final flush {flush:.3g} s")
         if case != "bare":
             row.ratio, row.vs = overhead[case], "{ratio:+.1f}% over bare step"
+        if case.startswith("Recorder") and with_flush.get(case) is not None:
+            row.extra["overhead_with_flush_pct"] = with_flush[case]
+            notes.append(f"{with_flush[case]:+.1f}% with the flush in the window")
         if case == "Recorder every 10":
             save = overhead["torch.save every 10"]
             row.target = f"{every[0]}, <= 1/5 of torch.save's overhead"
             row.met = row.ratio <= every[1] and row.ratio <= max(save, 0) / 5
-            row.note += f"; torch.save every 10: {save:+.1f}%"
+            notes.append(f"torch.save every 10: {save:+.1f}%")
         elif case.startswith("Recorder sketch"):
             row.target, row.met = sketch[0], row.ratio <= sketch[1]
+        row.note = "; ".join(notes)
         results.append(row)
     return results
 

@@ -43,3 +43,48 @@ def test_every_benchmark_runs_at_tiny_size(tmp_path):
         assert timed or row["ratio"] is not None or row["note"], row
     assert "| benchmark | case |" in proc.stdout
     assert table.read_text().count("\n|") == len(rows) + 2  # header and rule
+
+
+def _bench(name):
+    """A benchmark module, imported as run_all imports it (its folder on the path)."""
+    import importlib
+
+    sys.path.insert(0, str(RUN_ALL.parent))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(RUN_ALL.parent))
+
+
+def test_out_of_core_peak_rss_is_the_largest_repetition_not_the_last():
+    """``measure`` resets the RSS high-water mark before each repetition."""
+    bench = _bench("bench_out_of_core")
+    marks = iter([300.0, 100.0, 200.0])
+    bench.common.hwm_mib, saved = (lambda: next(marks)), bench.common.hwm_mib
+    try:
+        call, peaks = bench._with_peak_rss(lambda: "value")
+        assert [call(), call(), call()] == ["value"] * 3
+    finally:
+        bench.common.hwm_mib = saved
+    assert bench._largest(peaks) == 300.0
+    assert bench._largest([None]) is None
+
+
+def test_recorder_rows_give_the_overhead_with_the_flush_counted():
+    """The flush writes rows captured in the window; torch.save writes inside it."""
+    bench = _bench("bench_recorder_cpu")
+    cases = ["bare", "Recorder every 10", "torch.save every 10"]
+    out = {
+        "times": {c: [0.01] for c in cases},
+        "flush": {"bare": [0.0], "Recorder every 10": [0.5], "torch.save every 10": [0.0]},
+        "peaks": {c: None for c in cases},
+        "ratios": {"Recorder every 10": [1.02], "torch.save every 10": [1.2]},
+        "ratios_with_flush": {"Recorder every 10": [1.5], "torch.save every 10": [1.2]},
+    }
+    rows = {r.case.split(",")[0]: r for r in bench.rows("x", "y", out, ("< 10%", 10), ("", 5))}
+    row = rows["Recorder every 10"]
+    assert round(row.ratio, 6) == 2.0 and row.met is True
+    assert round(row.extra["overhead_with_flush_pct"], 6) == 50.0
+    assert "+50.0% with the flush in the window" in row.note
+    assert "overhead_with_flush_pct" not in rows["torch.save every 10"].extra
+    assert not rows["bare"].note.startswith(";")
