@@ -307,6 +307,22 @@ def test_a_scalar_first_logged_under_inference_mode_logs_outside_it(memory_url, 
     assert np.asarray(acc).tolist() == [0.25, 0.5]
 
 
+@pytest.mark.parametrize("sketch", [None, 4])
+def test_a_recorder_opened_under_inference_mode_records_outside_it(memory_url, tiny_model, sketch):
+    """Its buffers used to be inference tensors, so the first snapshot outside it raised."""
+    model = tiny_model()
+    with torch.inference_mode():
+        rec = koopkit.Recorder(memory_url, "r", model, sketch=sketch).open()
+    with rec:
+        for _ in range(3):
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+            rec.step(loss=torch.tensor(1.0))
+            with torch.inference_mode():
+                rec.snapshot()  # a snapshot taken during an evaluation
+    assert koopkit.open_store(memory_url).steps("r").tolist() == [0, 1, 2, 3]
+
+
 def test_logging_a_scalar_twice_at_one_step_is_refused_immediately(memory_url, tiny_model):
     with koopkit.Recorder(memory_url, "r", tiny_model()) as rec:
         rec.step()

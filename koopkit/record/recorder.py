@@ -129,6 +129,19 @@ def _scalar_value(name, value):
     )
 
 
+def _outside_inference_mode(method):
+    """Run a Recorder entry point with inference mode off: buffers made while a caller
+    evaluates under ``torch.inference_mode()`` would be inference tensors, which no later
+    snapshot outside it could write into."""
+
+    @functools.wraps(method)
+    def outside(*args, **kwargs):
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+
+    return outside
+
+
 def _default_probe_fn(model, inputs):
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -404,7 +417,8 @@ class Recorder:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> Recorder:
-        self.open()
+        if self._writer is None:  # ``with rec`` on a Recorder already opened keeps it open
+            self.open()
         return self
 
     def __exit__(self, kind, exc, tb):
@@ -414,6 +428,7 @@ class Recorder:
         )
         return False
 
+    @_outside_inference_mode
     def open(self) -> Recorder:
         """Open the run (resuming it if it exists) and record the initial snapshot.
 
@@ -451,6 +466,7 @@ class Recorder:
                 raise
         return self
 
+    @_outside_inference_mode
     def close(self, status: str = "complete", raise_errors: bool = True) -> None:
         """Flush everything, write the final status and release the run."""
         if self._writer is None:
@@ -518,6 +534,7 @@ class Recorder:
 
     # -- the training-loop calls -------------------------------------------------------------
 
+    @_outside_inference_mode
     def step(self, loss=None, **scalars) -> None:
         """Count one optimizer step; log scalars; snapshot if the schedule says so.
 
@@ -534,6 +551,7 @@ class Recorder:
         if self.flush_every_s is not None:
             self._flush_stale()
 
+    @_outside_inference_mode
     def log(self, **scalars) -> None:
         """Log scalars at the current step without counting a step.
 
@@ -562,6 +580,7 @@ class Recorder:
             if last is None or self.step_count > last:
                 log.log(self.step_count, value)
 
+    @_outside_inference_mode
     def snapshot(self) -> None:
         """Record the selected vectors now, at the current step.
 

@@ -209,10 +209,8 @@ class ScalarLog:
         self.last_step = None
 
     def _new_batch(self):
-        # a batch made under torch.inference_mode() could not be written outside it
-        with torch.inference_mode(False):
-            self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
-            self.slots = self.values.unbind()  # views made once per batch, not once per step
+        self.values = torch.empty(self.batch, dtype=torch.float32, device=self.device)
+        self.slots = self.values.unbind()  # views made once per batch, not once per step
 
     def log(self, step: int, value) -> None:
         slot = self.slots[len(self.steps)]
