@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import koopkit
 from koopkit.errors import (
@@ -124,9 +125,19 @@ def test_import_into_an_existing_run_is_refused(tmp_path):
     np.save(tmp_path / "y.npy", np.zeros((4, 2)))
     url = tmp_path / "s.zarr"
     import_npy(tmp_path / "x.npy", url, "a")
-    with pytest.raises(RunExistsError):
+    with pytest.raises(RunExistsError) as refused:
         import_npy(tmp_path / "y.npy", url, "a")
+    assert "did not finish" not in str(refused.value)
     np.testing.assert_array_equal(np.asarray(koopkit.open_store(url).array("a")), np.ones((3, 2)))
+
+
+def test_a_run_left_by_a_killed_import_is_named_as_unfinished(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    url = tmp_path / "s.zarr"
+    import_npy(tmp_path / "x.npy", url, "a")
+    zarr.open_group(str(url), mode="r+")["runs/a"].attrs["status"] = "recording"  # as killed
+    with pytest.raises(RunExistsError, match=r"status 'recording'.*remove runs/a to reuse"):
+        import_npy(tmp_path / "x.npy", url, "a")
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,8 +40,14 @@ def _new_run(store, run_id, metadata) -> tuple[RunWriter, list[str]]:
     root = open_root(store, writable=True)
     path = layout.run_path(run_id)
     if path in root and (root[path].attrs.get(layout.NAMESPACE) or {}).get("node") == "run":
+        status = root[path].attrs.get("status")
+        unfinished = (  # a killed import or recording leaves its run behind, id and all
+            f" (status {status!r}: it did not finish; remove {path} to reuse the id)"
+            if status in ("recording", "interrupted")
+            else ""
+        )
         raise RunExistsError(
-            f"Run {run_id!r} already exists in {str(store)!r}; choose another run id."
+            f"Run {run_id!r} already exists in {str(store)!r}{unfinished}; choose another run id."
         )
     parts = path.split("/")
     made = [p for p in ("/".join(parts[:d]) for d in range(len(parts), 1, -1)) if p not in root]
