@@ -239,6 +239,8 @@ def rows(name: str, label: str, out: dict, every, sketch) -> list[Result]:
             notes.append(f"final flush {flush:.3g} s")
         if case != "bare":
             row.ratio, row.vs = overhead[case], "{ratio:+.1f}% over bare step"
+            spread = [100 * (r - 1) for r in out["ratios"][case]]
+            notes.append(f"repetitions {min(spread):+.1f}% to {max(spread):+.1f}%")
         if case.startswith("Recorder") and with_flush.get(case) is not None:
             row.extra["overhead_with_flush_pct"] = with_flush[case]
             notes.append(f"{with_flush[case]:+.1f}% with the flush in the window")

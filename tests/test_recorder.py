@@ -1146,7 +1146,7 @@ def test_float16_sketch_is_the_rounded_float32_sketch(memory_url, tiny_model, me
 def test_projection_worker_frees_its_input_when_a_copy_fails():
     worker = transfer.ProjectionWorker(10, torch.float32, lambda tensors, out: out.zero_())
     try:
-        with pytest.raises(RuntimeError):
+        with pytest.raises(ValueError, match="Expected 10 values"):
             worker.submit([torch.zeros(11)], torch.empty(4))  # does not fit the input
         assert worker.input_free.acquire(blocking=False)  # not held: the next snapshot proceeds
         worker.input_free.release()
@@ -1156,6 +1156,17 @@ def test_projection_worker_frees_its_input_when_a_copy_fails():
         assert torch.equal(row, torch.zeros(4))
     finally:
         worker.close()
+
+
+def test_flatten_into_keeps_order_and_dtypes_and_refuses_a_wrong_size():
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.tensor([0.5, -1.5], dtype=torch.bfloat16)]
+    row = torch.full((8,), 7.0)
+    transfer.flatten_into(row, tensors)
+    assert row.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.5, -1.5]
+    wide = torch.full((9,), 7.0)
+    with pytest.raises(ValueError, match="Expected 9 values to fill a row; got 8"):
+        transfer.flatten_into(wide, tensors)
+    assert wide.shape == (9,)  # not resized to fit
 
 
 def test_failed_open_closes_the_projection_worker(memory_url, tiny_model, monkeypatch):

@@ -28,12 +28,17 @@ def _host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
 
 
 def flatten_into(row: torch.Tensor, tensors) -> None:
-    """Copy ``tensors``, flattened and in order, into the flat ``row``."""
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        row[offset : offset + n].copy_(t.detach().reshape(-1))
-        offset += n
+    """Copy ``tensors``, flattened and in order, into the flat ``row``.
+
+    One ``torch.cat`` rather than a copy per tensor: a model has hundreds of tensors, and
+    each copy is a kernel launch (on the host, about 2.5x the cost of the whole cat).
+    """
+    flats = [t.detach().reshape(-1) for t in tensors]
+    total = sum(flat.numel() for flat in flats)
+    if total != row.numel():  # cat would resize the row rather than fail
+        raise ValueError(f"Expected {row.numel()} values to fill a row; got {total}.")
+    if flats:
+        torch.cat(flats, out=row)
 
 
 class VectorStream:
