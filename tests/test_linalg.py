@@ -199,13 +199,27 @@ def test_streamed_gram_on_cuda_matches_numpy(rng):
     )
 
 
-def test_streamed_gram_of_a_cholesky_qr_pass(rng):
-    data = random_trajectories(rng)
+@pytest.mark.parametrize(
+    "container",
+    [
+        np.asarray,
+        np.asfortranarray,
+        lambda a: np.repeat(a, 2, axis=1)[:, ::2],  # a strided view, neither C nor F ordered
+        as_zarr,
+        torch.from_numpy,
+    ],
+    ids=["numpy", "fortran", "strided", "zarr", "torch"],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_streamed_gram_of_a_cholesky_qr_pass(rng, container, dtype):
+    data = random_trajectories(rng, dtype=dtype)
     z = stacked(data)
     triangular = np.linalg.cholesky(z @ z.T + np.eye(z.shape[0])).T
     q = np.linalg.solve(triangular.T, z).T  # Z^T R^{-1}
-    gram = streamed_gram(Trajectories.from_input(data), triangular=triangular, block_bytes=500)
+    trajectories = Trajectories.from_input([container(t) for t in data])
+    gram = streamed_gram(trajectories, triangular=triangular, block_bytes=500)
     np.testing.assert_allclose(gram, q.T @ q, atol=1e-12)
+    assert np.array_equal(gram, gram.T)
 
 
 def test_streamed_product(rng):
