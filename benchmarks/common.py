@@ -192,21 +192,22 @@ def max_eig_error(a, b) -> float:
     return float(cost[rows, cols].max())
 
 
-def random_walk(steps: int, features: int, dtype="float64", seed: int = 0):
-    """(steps, features): each feature starts at N(0,1), drifts, and moves by 0.01 N(0,1) a step.
+def random_walk(steps: int, features: int, dtype="float64", seed: int = 0, move: float = 0.01):
+    """(steps, features): each feature starts at N(0,1), drifts by ``move / 10`` N(0,1) and
+    moves by ``move`` N(0,1) a step.
 
-    The data of koopman_anchors.md section 4, generated step by step so that the only large
-    allocation is the result.
+    With the default ``move``, the data of koopman_anchors.md section 4. Generated step by
+    step so that the only large allocation is the result.
     """
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out = np.empty((steps, features), dtype=dtype)
     row = rng.standard_normal(features)
-    drift = 0.001 * rng.standard_normal(features)
+    drift = move / 10 * rng.standard_normal(features)
     for t in range(steps):
         out[t] = row
-        row += drift + 0.01 * rng.standard_normal(features)
+        row += drift + move * rng.standard_normal(features)
     return out
 
 
