@@ -56,32 +56,71 @@ def cholesky_qr(
     device=None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
 ) -> np.ndarray:
-    """Upper-triangular ``R`` (T x T) with ``Z^T = Q R`` by shifted CholeskyQR3.
+    """Upper-triangular ``R`` (T x T) with ``Z^T = Q R`` by CholeskyQR2, or shifted
+    CholeskyQR3 where CholeskyQR2 is not enough.
 
-    Three Cholesky steps, each on a Gram computed at GEMM speed: the first on ``G`` (already
-    streamed) plus a shift ``s = 11 (n T + T (T + 1)) eps ||Z||_F^2`` that makes it succeed for
-    condition numbers up to ``1/eps``; then two passes of CholeskyQR on ``Q_i = Z^T R_i^{-1}``
-    restore orthogonality [1]_. When the snapshots are linearly dependent, ``Z^T R^{-1}`` has
-    no orthonormal columns to find; a Cholesky step fails and :func:`tsqr` is used instead.
+    Every Cholesky step is on a Gram computed at GEMM speed, ``G`` first (already streamed).
+    When the snapshots' condition number is below about ``eps^(-1/2)``, as weights under SGD
+    mostly are, the Cholesky factor ``R_1`` of ``G`` leaves ``Q_1 = Z^T R_1^{-1}`` nearly
+    orthonormal, and one CholeskyQR pass on ``Q_1`` gives ``R`` as accurately as a third
+    would [2]_: one pass over the data. Whether that holds is read from the Gram of ``Q_1``
+    that pass computes (condition number at most 2); where it does not, or where ``R_1``
+    already shows a condition number above :data:`CHOLESKYQR2_CONDITION`, shifted
+    CholeskyQR3 follows: a Cholesky step on ``G`` plus a shift ``s = 11 (n T + T (T + 1))
+    eps ||Z||_F^2`` that makes it succeed for condition numbers up to ``1/eps``, then two
+    passes of CholeskyQR on ``Q_i = Z^T R_i^{-1}`` [1]_. When the snapshots are linearly
+    dependent, ``Z^T R^{-1}`` has no orthonormal columns to find; a Cholesky step fails and
+    :func:`tsqr` is used instead.
 
     References
     ----------
     .. [1] T. Fukaya, R. Kannan, Y. Nakatsukasa, Y. Yamamoto, Y. Yanagisawa, "Shifted
        Cholesky QR for computing the QR factorization of ill-conditioned matrices",
        SIAM J. Sci. Comput. 42(1), A477-A503, 2020.
+    .. [2] Y. Yamamoto, Y. Nakatsukasa, Y. Yanagisawa, T. Fukaya, "Roundoff error analysis
+       of the CholeskyQR2 algorithm", Electron. Trans. Numer. Anal. 44, 306-326, 2015.
     """
     steps, features = gram.shape[0], trajectories.features
+
+    def gram_of_q(factor):  # one pass over the data: the Gram of Z^T factor^{-1}
+        return streamed_gram(
+            trajectories, triangular=factor, device=device, block_bytes=block_bytes
+        )
+
+    try:
+        first = _upper_cholesky(gram)
+    except np.linalg.LinAlgError:  # not numerically positive definite: shift it, below
+        first = None
+    if first is not None and _diagonal_condition(first) <= CHOLESKYQR2_CONDITION:
+        gram_q = gram_of_q(first)
+        if _nearly_orthonormal(gram_q):
+            return _upper_cholesky(gram_q) @ first
     shift = 11 * (features * steps + steps * (steps + 1)) * np.finfo(np.float64).eps
     try:  # all-zero data leave no shift: the first step fails too
         factor = _upper_cholesky(gram + shift * np.trace(gram) * np.eye(steps))
         for _ in range(2):
-            gram_q = streamed_gram(
-                trajectories, triangular=factor, device=device, block_bytes=block_bytes
-            )
-            factor = _upper_cholesky(gram_q) @ factor
+            factor = _upper_cholesky(gram_of_q(factor)) @ factor
     except np.linalg.LinAlgError:
         return tsqr(trajectories, device=device, block_bytes=block_bytes)
     return factor
+
+
+CHOLESKYQR2_CONDITION = 1e7
+"""Above this ratio of the largest to the smallest diagonal entry of ``R_1`` (a lower bound
+of its condition number, so of the snapshots'), ``Q_1`` is not expected to be nearly
+orthonormal, and :func:`cholesky_qr` goes straight to the shifted CholeskyQR3."""
+
+
+def _diagonal_condition(factor: np.ndarray) -> float:
+    diagonal = np.abs(np.diag(factor))
+    return float(diagonal.max() / diagonal.min()) if diagonal.min() > 0 else np.inf
+
+
+def _nearly_orthonormal(gram_q: np.ndarray) -> bool:
+    """Condition number of ``Q`` at most sqrt(2): CholeskyQR on it is then as accurate as on
+    an orthonormal one, up to that factor squared in the error bound [2]_."""
+    eigenvalues = np.linalg.eigvalsh(gram_q)
+    return bool(eigenvalues[-1] <= 2 * eigenvalues[0])
 
 
 def tsqr(
