@@ -267,25 +267,29 @@ def test_cholesky_qr_keeps_the_singular_values_the_gram_loses(rng):
     assert exact[-1] ** 2 < GRAM_RELATIVE_ACCURACY * np.linalg.norm(gram)
 
 
-@pytest.mark.parametrize(
-    ("condition", "passes"), [(1e3, 1), (1e6, 1), (1e8, 1), (1e10, 2), (1e13, 2)]
-)
-def test_cholesky_qr_takes_one_pass_when_it_is_enough(rng, monkeypatch, condition, passes):
-    """Up to a condition number of about 1e8, CholeskyQR2 (one pass over the data after the
-    Gram); beyond, the shifted CholeskyQR3 (two). Both as accurate as a direct SVD."""
+@pytest.mark.parametrize("device", [None, "cpu"])
+@pytest.mark.parametrize("condition", [1e3, 1e6, 1e8, 1e10, 1e13])
+def test_cholesky_qr_takes_one_pass_when_it_is_enough(rng, monkeypatch, condition, device):
+    """Up to a condition number of about 1e8, CholeskyQR2: one pass over the data after the
+    Gram. Beyond, the shifted CholeskyQR3 (two passes), or TSQR after its first pass where
+    rounding makes its second Cholesky fail. Each as accurate as a direct SVD."""
     z = ill_conditioned(rng, features=4000, steps=60, smallest=1 / condition)
     trajectories = Trajectories.from_input(z)
     gram = streamed_gram(trajectories)
-    counted = []
-    monkeypatch.setattr(
-        factor_module,
-        "streamed_gram",
-        lambda *a, **k: counted.append(1) or streamed_gram(*a, **k),
-    )
-    factor = cholesky_qr(trajectories, gram, block_bytes=60 * 8 * 500)
+    calls = []
+
+    def counted(name, function):
+        return lambda *a, **k: calls.append(name) or function(*a, **k)
+
+    monkeypatch.setattr(factor_module, "streamed_gram", counted("pass", streamed_gram))
+    monkeypatch.setattr(factor_module, "tsqr", counted("tsqr", tsqr))
+    factor = cholesky_qr(trajectories, gram, device=device, block_bytes=60 * 8 * 500)
     exact = np.linalg.svd(z, compute_uv=False)
     np.testing.assert_allclose(np.linalg.svd(factor, compute_uv=False), exact, atol=4e-15)
-    assert len(counted) == passes
+    if condition <= 1e8:
+        assert calls == ["pass"]
+    else:
+        assert calls in (["pass", "pass"], ["pass", "tsqr"])
 
 
 def test_rank_deficient_data_falls_back_to_tsqr(rng, monkeypatch):
