@@ -91,8 +91,8 @@ def _solved_gram(upper: np.ndarray, block: np.ndarray) -> np.ndarray:
     """The upper triangle of ``Q^T Q`` for the block ``Q = block^T R^{-1}`` (TRSM, then SYRK).
 
     Both calls go to scipy's BLAS: numpy has its own OpenBLAS, and alternating the two
-    leaves one library's threads spinning while the other's run, which doubled the pass's
-    time on two cores.
+    leaves one library's threads spinning while the other's run, which made a pass nearly
+    three times as slow on two cores.
     """
     solved = scipy.linalg.blas.dtrsm(1.0, upper, block.T, side=1)
     return scipy.linalg.blas.dsyrk(1.0, solved, trans=1)
