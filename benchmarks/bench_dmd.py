@@ -7,7 +7,8 @@ float64 (peak extra well below the input's size).
 
 Also, with no target, a walk that moves 1e-4 of its size a step, as weights under SGD do:
 its 20th singular value is below what the Gram resolves (about 1.5e-4 of the largest), so
-koopkit factors the snapshots by CholeskyQR instead (the ``qr`` method), three passes.
+koopkit factors the snapshots by CholeskyQR instead (the ``qr`` method): after the Gram,
+one more pass over the data (CholeskyQR2), or two where that is not enough.
 """
 
 from __future__ import annotations
