@@ -8,12 +8,22 @@ snapshots (340 MB each).
 Targets at every 10 steps: <= 10% over the bare step; sketch (k = 4096) every step: <= 5%.
 Skipped without CUDA. ``koopkit.Recorder`` writes with zarr; without zarr only the
 torch.save and list cases run.
+
+The full size takes longer than some GPU sessions allow; run as a script, it times chosen
+cases of one model, each with its bare runs, and prints each case's rows when it is done::
+
+    python benchmarks/bench_recorder_cuda.py transformer --steps 200 --repeat 3 \
+        --workdir /dev/shm "Recorder every 10" "torch.save every 10"
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import sys
 
+import common
 from bench_recorder_cpu import CASES, mlp_workload, rows, time_cases
 from common import CaseFailed, Result, cuda_available, run_case, skipped
 
@@ -24,6 +34,11 @@ SIZES = {  # timed steps of the MLP and of the Transformer
     "full": {"steps": (2000, 500), "warmup": 50},
 }
 EVERY_STEP_FULL = ("Recorder every step", "torch.save every step", "list copies every step")
+LABELS = {
+    "mlp": "MLP 784-1024-1024-10, batch 128, per step",
+    "transformer": "Transformer 12 x 768 bf16, batch 16 x 256, per step",
+}
+TARGETS = {"every": ("<= 10%", 10), "sketch": ("<= 5%", 5), "fifth_of_save": False}
 
 
 def transformer_workload(
@@ -74,11 +89,8 @@ def run(size: str, repeat: int) -> list[Result]:
         )
     params = SIZES[size]
     models = {
-        "mlp": ("MLP 784-1024-1024-10, batch 128, per step", cases),
-        "transformer": (
-            "Transformer 12 x 768 bf16, batch 16 x 256, per step",
-            [c for c in cases if c not in EVERY_STEP_FULL],
-        ),
+        "mlp": (LABELS["mlp"], cases),
+        "transformer": (LABELS["transformer"], [c for c in cases if c not in EVERY_STEP_FULL]),
     }
     for model, (label, chosen) in models.items():
         try:
@@ -94,6 +106,43 @@ def run(size: str, repeat: int) -> list[Result]:
         except CaseFailed as exc:
             results.append(Result(NAME, label, note=f"failed: {exc}"))
             continue
-        label = label.replace("Transformer", f"Transformer ({out['parameters'] / 1e6:.0f} M)")
-        results.extend(rows(NAME, label, out, ("<= 10%", 10), ("<= 5%", 5)))
+        results.extend(rows(NAME, _sized(label, out), out, **TARGETS))
     return results
+
+
+def _sized(label: str, out: dict) -> str:
+    return label.replace("Transformer", f"Transformer ({out['parameters'] / 1e6:.0f} M)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Time chosen recorder cases on CUDA.")
+    parser.add_argument("model", choices=LABELS)
+    parser.add_argument("cases", nargs="+", choices=[c for c in CASES if c != "bare"])
+    parser.add_argument("--steps", type=int, required=True, help="timed steps per window")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", help="folder for stores and checkpoints (default: temp)")
+    parser.add_argument("--json", help="append each case's timings here, one line per case")
+    args = parser.parse_args(argv)
+    if not cuda_available():
+        print("no CUDA device", file=sys.stderr)
+        return 1
+    common.WORKDIR = args.workdir
+    net, step = mlp_workload("cuda") if args.model == "mlp" else transformer_workload("cuda")
+    machine = common.machine_info()
+    machine["threads"] = None
+    print(f"{common.describe(machine)}\n\n{common.markdown_table([])}", flush=True)
+    for name in args.cases:
+        chosen = {"bare": CASES["bare"], name: CASES[name]}
+        out = time_cases(net, step, chosen, args.steps, args.warmup, args.repeat, "cuda")
+        out["parameters"] = sum(p.numel() for p in net.parameters())
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"model": args.model, "case": name, **vars(args), **out}) + "\n")
+        table = common.markdown_table(rows(NAME, _sized(LABELS[args.model], out), out, **TARGETS))
+        print("\n".join(table.splitlines()[2:]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

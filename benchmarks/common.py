@@ -302,6 +302,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def describe(machine: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    load = machine["load_average"]
+    return (
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
+        f"GPU: {machine['gpu'] or 'none'}; Python {machine['python']}; {versions}; "
+        f"threads {machine['threads'] or 'default'}; "
+        f"load average {load[0]:.2f} at start; {machine['date']}"
+        if load
+        else f"Machine: {machine}"
+    )
+
+
 def markdown_table(results: list[Result]) -> str:
     head = "| benchmark | case | median s | peak extra MiB | vs peer | target | met? |"
     lines = [head, "|---|---|---:|---:|---|---|---|"]

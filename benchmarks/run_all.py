@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     repeat = args.repeat or common.REPEATS[args.size]
     machine = common.machine_info()
     machine["threads"] = args.threads
-    print(_describe(machine), file=sys.stderr)
+    print(common.describe(machine), file=sys.stderr)
 
     results: list[Result] = []
     for module_name in MODULES:
@@ -90,22 +90,9 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(common.to_json(results, machine, argv_used), indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     if args.markdown:
-        args.markdown.write_text(f"{_describe(machine)}\n\n{table}\n")
+        args.markdown.write_text(f"{common.describe(machine)}\n\n{table}\n")
     failed = [r for r in results if r.note.startswith("failed")]
     return 1 if failed else 0
-
-
-def _describe(machine: dict) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
-    load = machine["load_average"]
-    return (
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
-        f"GPU: {machine['gpu'] or 'none'}; Python {machine['python']}; {versions}; "
-        f"threads {machine['threads'] or 'default'}; "
-        f"load average {load[0]:.2f} at start; {machine['date']}"
-        if load
-        else f"Machine: {machine}"
-    )
 
 
 if __name__ == "__main__":

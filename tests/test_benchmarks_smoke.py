@@ -7,6 +7,7 @@ writes its JSON and table; wall times and targets are never asserted here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,43 @@ def test_recorder_rows_give_the_overhead_with_the_flush_counted():
     assert "+50.0% with the flush in the window" in row.note
     assert "overhead_with_flush_pct" not in rows["torch.save every 10"].extra
     assert not rows["bare"].note.startswith(";")
+
+
+def test_cuda_recorder_rows_judge_the_gpu_targets_without_torch_save():
+    """On CUDA the every-10 target is 10% over the bare step alone; torch.save is a note."""
+    bench = _bench("bench_recorder_cuda")
+    out = {
+        "times": {"bare": [0.03], "Recorder every 10": [0.032]},
+        "flush": {"bare": [0.0], "Recorder every 10": [0.2]},
+        "peaks": {"bare": None, "Recorder every 10": None},
+        "ratios": {"Recorder every 10": [1.065]},
+    }
+    (row,) = [r for r in bench.rows("x", "y", out, **bench.TARGETS) if r.ratio is not None]
+    assert row.met is True and row.target == "<= 10%" and "torch.save" not in row.note
+    out["ratios"]["Recorder every 10"] = [1.11]
+    (row,) = [r for r in bench.rows("x", "y", out, **bench.TARGETS) if r.ratio is not None]
+    assert row.met is False
+    cpu = _bench("bench_recorder_cpu")  # the CPU target needs torch.save's overhead
+    (row,) = [r for r in cpu.rows("x", "y", out, ("< 10%", 20), ("", 5)) if r.ratio is not None]
+    assert row.met is False and "1/5 of torch.save" in row.target
+
+
+def test_cuda_recorder_script_refuses_without_cuda_and_profile_runs_on_cpu(tmp_path):
+    script = RUN_ALL.parent / "bench_recorder_cuda.py"
+    command = [sys.executable, str(script), "mlp", "Recorder every 10", "--steps", "2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "no CUDA device" in proc.stderr
+
+    profile = RUN_ALL.parent / "profile_recorder.py"
+    command = [sys.executable, str(profile), "--device", "cpu", "--steps", "2"]
+    command += ["--workdir", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("## ")]
+    assert [line.split(":")[0] for line in lines] == [
+        "## bare every=None",
+        "## sketch k=4096 every=1",
+        "## recorder every=10",
+    ]
+    assert "host in rec.step" in lines[1] and "cProfile of 2 rec.step calls alone" in proc.stdout
