@@ -574,6 +574,44 @@ def test_replaced_parameter_of_the_same_shape_is_followed(memory_url, tiny_model
     assert np.all(read(memory_url)[1][1, 15:20] == 7.0)
 
 
+def test_a_shape_changed_through_data_on_the_same_parameter_is_refused(memory_url, tiny_model):
+    """The parameter object stays the one recorded; only its shape tells the change."""
+    model = tiny_model()
+    with pytest.raises(ShapeChangedError, match=r"'2\.weight' changed from shape \(2, 5\)"):
+        with koopkit.Recorder(memory_url, "r", model) as rec:
+            rec.step()
+            model[2].weight.data = torch.zeros(3, 5)
+            rec.step()
+    assert koopkit.open_store(memory_url).steps("r").tolist() == [0, 1]
+
+
+def _layouts():
+    shared = torch.nn.Linear(4, 4)
+    tied = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    nested = torch.nn.ModuleDict(
+        {"b": torch.nn.Linear(2, 2, bias=False), "a": torch.nn.ModuleList([shared, shared])}
+    )
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    return {
+        "shared module": torch.nn.Sequential(shared, torch.nn.ReLU(), shared),
+        "tied weights": tied,
+        "nested, no bias": nested,
+        "transformer": torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+def test_parameter_walk_matches_named_parameters(name):
+    """The per-snapshot layout check walks the modules itself; it must see what
+    ``named_parameters`` sees, in its order, shared parameters once."""
+    from koopkit.record.recorder import _parameter_objects
+
+    model = _layouts()[name]
+    named = [id(p) for _, p in model.named_parameters()]
+    assert [id(p) for p in _parameter_objects(model)] == named
+
+
 def test_keyboard_interrupt_marks_the_run_interrupted(memory_url, tiny_model):
     model = tiny_model()
     with pytest.raises(KeyboardInterrupt):
