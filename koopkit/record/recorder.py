@@ -136,6 +136,8 @@ def _outside_inference_mode(method):
 
     @functools.wraps(method)
     def outside(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():  # the common case: no context to enter
+            return method(*args, **kwargs)
         with torch.inference_mode(False):
             return method(*args, **kwargs)
 
