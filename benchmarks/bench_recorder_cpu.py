@@ -145,7 +145,7 @@ def make_hook(kind, model, folder, every):
     return {"bare": Hook, "save": SaveHook, "list": ListHook}[kind](model, folder, every)
 
 
-# -- the timed loop (runs in a child process) ------------------------------------------------
+# -- the timed loop (in a child process under run_all) ---------------------------------------
 
 
 def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:

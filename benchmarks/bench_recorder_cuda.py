@@ -127,6 +127,11 @@ def main(argv=None) -> int:
     if not cuda_available():
         print("no CUDA device", file=sys.stderr)
         return 1
+    if importlib.util.find_spec("zarr") is None and any(
+        c.startswith("Recorder") for c in args.cases
+    ):
+        print("the Recorder cases need zarr (koopkit.Recorder writes with it)", file=sys.stderr)
+        return 1
     common.WORKDIR = args.workdir
     net, step = mlp_workload("cuda") if args.model == "mlp" else transformer_workload("cuda")
     machine = common.machine_info()
@@ -137,8 +142,9 @@ def main(argv=None) -> int:
         out = time_cases(net, step, chosen, args.steps, args.warmup, args.repeat, "cuda")
         out["parameters"] = sum(p.numel() for p in net.parameters())
         if args.json:
+            settings = {k: v for k, v in vars(args).items() if k not in ("cases", "json")}
             with open(args.json, "a") as f:
-                f.write(json.dumps({"model": args.model, "case": name, **vars(args), **out}) + "\n")
+                f.write(json.dumps({"case": name, **settings, **out}) + "\n")
         table = common.markdown_table(rows(NAME, _sized(LABELS[args.model], out), out, **TARGETS))
         print("\n".join(table.splitlines()[2:]), flush=True)
     return 0

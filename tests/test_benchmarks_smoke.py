@@ -127,5 +127,6 @@ def test_cuda_recorder_script_refuses_without_cuda_and_profile_runs_on_cpu(tmp_p
         "## bare every=None",
         "## sketch k=4096 every=1",
         "## recorder every=10",
+        "## bare every=None",
     ]
     assert "host in rec.step" in lines[1] and "cProfile of 2 rec.step calls alone" in proc.stdout
