@@ -85,6 +85,8 @@ def mlp_workload(device: str, width: int = 1024, batch: int = 128):
 class Hook:
     """Bare: nothing after the step."""
 
+    waited_s = None  # seconds the loop waited for a free snapshot buffer (Recorder only)
+
     def __init__(self, model, folder: str, every: int | None):
         self.model, self.folder, self.every, self.count = model, folder, every, 0
 
@@ -105,6 +107,10 @@ class RecorderHook(Hook):
 
     def step(self, loss):
         self.rec.step(loss=loss)
+
+    @property
+    def waited_s(self):
+        return self.rec.waited_s
 
     def close(self):
         self.rec.close()
@@ -155,12 +161,13 @@ def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
     Each repetition pairs every case with its own bare run (bare first in even repetitions,
     second in odd ones), so the overhead compares runs seconds apart and a machine that
     speeds up or slows down over minutes does not bias it. Also each case's peak extra host
-    RSS. The final flush, which a long run pays once, is reported on its own.
+    RSS, and for the Recorder the time per step the loop waited for a free snapshot buffer.
+    The final flush, which a long run pays once, is reported on its own.
     """
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    keys = ("times", "flush", "peaks", "ratios", "ratios_with_flush")
+    keys = ("times", "flush", "peaks", "ratios", "ratios_with_flush", "waited")
     out = {key: {name: [] for name in cases} for key in keys}
 
     def one(name, window):
@@ -173,11 +180,14 @@ def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
                 for _ in range(warmup):
                     hook.step(step())
                 sync()
+                waited = hook.waited_s
                 start = time.perf_counter()
                 for _ in range(timed):
                     hook.step(step())
                 sync()
                 stop = time.perf_counter()
+                if waited is not None:
+                    out["waited"][name].append((hook.waited_s - waited) / timed)
                 hook.close()
                 out["flush"][name].append(time.perf_counter() - stop)
                 del hook
@@ -242,6 +252,9 @@ def rows(name: str, label: str, out: dict, every, sketch, fifth_of_save=True) ->
             row.ratio, row.vs = overhead[case], "{ratio:+.1f}% over bare step"
             spread = [100 * (r - 1) for r in out["ratios"][case]]
             notes.append(f"repetitions {min(spread):+.1f}% to {max(spread):+.1f}%")
+        waited = out.get("waited", {}).get(case)
+        if waited:
+            notes.append(f"waited for the writer {1e3 * median(waited):.3g} ms a step")
         if case.startswith("Recorder") and with_flush.get(case) is not None:
             row.extra["overhead_with_flush_pct"] = with_flush[case]
             notes.append(f"{with_flush[case]:+.1f}% with the flush in the window")

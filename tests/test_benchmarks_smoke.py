@@ -81,9 +81,11 @@ def test_recorder_rows_give_the_overhead_with_the_flush_counted():
         "peaks": {c: None for c in cases},
         "ratios": {"Recorder every 10": [1.02], "torch.save every 10": [1.2]},
         "ratios_with_flush": {"Recorder every 10": [1.5], "torch.save every 10": [1.2]},
+        "waited": {"Recorder every 10": [0.002, 0.004, 0.003]},
     }
     rows = {r.case.split(",")[0]: r for r in bench.rows("x", "y", out, ("< 10%", 10), ("", 5))}
     row = rows["Recorder every 10"]
+    assert "waited for the writer 3 ms a step" in row.note
     assert round(row.ratio, 6) == 2.0 and row.met is True
     assert round(row.extra["overhead_with_flush_pct"], 6) == 50.0
     assert "+50.0% with the flush in the window" in row.note

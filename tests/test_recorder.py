@@ -707,14 +707,27 @@ def test_on_full_block_loses_nothing(memory_url, tiny_model, monkeypatch):
     model = tiny_model()
     _slow_append(monkeypatch, 0.01)
     budget = 2 * row_bytes(model)
+    start = time.monotonic()
     with koopkit.Recorder(memory_url, "r", model, max_inflight_bytes=budget) as rec:
         history = train(model, rec, 30)
+        elapsed = time.monotonic() - start
+    # 31 rows written 10 ms or more apart into two buffers: the loop waited for most
+    assert 0.1 < rec.waited_s < elapsed, (rec.waited_s, elapsed)
     store = koopkit.open_store(memory_url)
     assert store.steps("r").tolist() == list(range(31))
     assert store.run("r").attrs["dropped"] == 0
     np.testing.assert_array_equal(
         np.asarray(store.array("r")), stacked(history, "params", range(31))
     )
+
+
+def test_a_writer_that_keeps_up_costs_no_wait(memory_url, tiny_model):
+    model = tiny_model()
+    rec = koopkit.Recorder(memory_url, "r", model)
+    assert rec.waited_s == 0.0  # not open yet
+    with rec:
+        train(model, rec, 30)
+    assert rec.waited_s == 0.0  # eight buffers of 64 rows: never all in flight
 
 
 def test_invalid_options_are_refused(memory_url, tiny_model):

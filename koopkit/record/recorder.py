@@ -311,7 +311,8 @@ class Recorder:
     initial : bool
         Record the initial parameters as step 0.
     on_full : {"block", "drop"}
-        When every buffer is in flight: wait for the writer, or drop snapshots (counted).
+        When every buffer is in flight: wait for the writer (``waited_s`` adds up the wait),
+        or drop snapshots (counted).
     on_error : {"raise", "warn"}
         A failed write raises at the next ``step`` (default), or warns once and stops recording.
     flush_every_s : float or None
@@ -416,6 +417,7 @@ class Recorder:
         self._hooks = []
         self._disabled = False
         self._holds_sigterm = False
+        self._waited = 0.0  # by streams already closed
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -516,6 +518,7 @@ class Recorder:
                 stream.hand_off()
         self._thread.stop()
         self._close_workers()
+        self._waited = self.waited_s
         # drop the host buffers now, not when the garbage collector breaks the cycles
         self._vectors, self._fillers, self._scalars = {}, {}, {}
         return writer
@@ -610,6 +613,15 @@ class Recorder:
             if path == layout.GRADS:
                 self._check_grads(step)
             stream.capture(step, self._fillers[path])
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds the training thread has waited for the writer to free a snapshot buffer.
+
+        Each wait is step time lost to recording; if they add up, raise
+        ``max_inflight_bytes``, record less often, or write to a faster disk.
+        """
+        return self._waited + sum(s.waited for s in getattr(self, "_vectors", {}).values())
 
     def attach(self, optimizer):
         """Record after every ``optimizer.step()`` without touching the loop."""

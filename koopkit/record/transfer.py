@@ -76,6 +76,7 @@ class VectorStream:
         self.since = 0.0  # when the first row of the current buffer was captured
         self.position = int(written)  # rows of the series handed off (or stored) before
         self.dropped = 0
+        self.waited = 0.0  # seconds the training thread waited for a free buffer
         if self.cuda:
             self.side = torch.cuda.Stream(device=self.device)
             self.staging = torch.empty(self.size, dtype=dtype, device=self.device)
@@ -140,13 +141,17 @@ class VectorStream:
         self.current = self._acquire()
 
     def _acquire(self):
-        """A free buffer: wait for one (on_full="block"), or None when all are in flight."""
-        if self.on_full == "block":
-            return self.free.get()
+        """A free buffer: wait for one (on_full="block", the wait counted), or None when all
+        are in flight."""
         try:
             return self.free.get_nowait()
         except queue.Empty:
-            return None
+            if self.on_full != "block":
+                return None
+        start = time.monotonic()
+        buffer = self.free.get()
+        self.waited += time.monotonic() - start
+        return buffer
 
     def release(self, buffer) -> None:
         self.free.put(buffer)
