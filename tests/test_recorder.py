@@ -1139,6 +1139,22 @@ def test_recorder_sketch_on_cpu_projects_off_the_training_thread(memory_url, tin
     assert koopkit.open_store(memory_url).run("r2").status == "interrupted"
 
 
+def test_waiting_for_a_slow_cpu_projection_counts_in_waited_s(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, sketch=8) as rec:
+        project = rec._sketcher.project
+
+        def slow(tensors, out):
+            time.sleep(0.02)
+            return project(tensors, out)
+
+        rec._workers["params"].project = slow
+        start = time.monotonic()
+        train(model, rec, 10)  # 11 projections of 20 ms behind one input
+        elapsed = time.monotonic() - start
+    assert 0.1 < rec.waited_s < elapsed, (rec.waited_s, elapsed)
+
+
 def test_params_and_grads_sketches_project_independently(memory_url, tiny_model):
     """Each series has its own projection input: the grads copy never waits for params'."""
     model = tiny_model()

@@ -517,8 +517,8 @@ class Recorder:
             for stream in self._streams():
                 stream.hand_off()
         self._thread.stop()
-        self._close_workers()
         self._waited = self.waited_s
+        self._close_workers()
         # drop the host buffers now, not when the garbage collector breaks the cycles
         self._vectors, self._fillers, self._scalars = {}, {}, {}
         return writer
@@ -616,12 +616,15 @@ class Recorder:
 
     @property
     def waited_s(self) -> float:
-        """Seconds the training thread has waited for the writer to free a snapshot buffer.
+        """Seconds the training thread has waited for the writer to free a snapshot buffer,
+        or for the projection thread of a CPU sketch to free its input.
 
         Each wait is step time lost to recording; if they add up, raise
         ``max_inflight_bytes``, record less often, or write to a faster disk.
         """
-        return self._waited + sum(s.waited for s in getattr(self, "_vectors", {}).values())
+        streams = getattr(self, "_vectors", {}).values()
+        workers = getattr(self, "_workers", {}).values()
+        return self._waited + sum(s.waited for s in streams) + sum(w.waited for w in workers)
 
     def attach(self, optimizer):
         """Record after every ``optimizer.step()`` without touching the loop."""

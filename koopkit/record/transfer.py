@@ -173,9 +173,13 @@ class ProjectionWorker:
         self.input_free = threading.Semaphore(1)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="koopkit-sketch")
         self.error: BaseException | None = None
+        self.waited = 0.0  # seconds the training thread waited for the previous projection
 
     def submit(self, tensors, row) -> None:
-        self.input_free.acquire()
+        if not self.input_free.acquire(blocking=False):
+            start = time.monotonic()
+            self.input_free.acquire()
+            self.waited += time.monotonic() - start
         try:
             flatten_into(self.input, tensors)
             self.pool.submit(self._project, row)
