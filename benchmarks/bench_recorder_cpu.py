@@ -254,7 +254,7 @@ def rows(name: str, label: str, out: dict, every, sketch, fifth_of_save=True) ->
             notes.append(f"repetitions {min(spread):+.1f}% to {max(spread):+.1f}%")
         waited = out.get("waited", {}).get(case)
         if waited:
-            notes.append(f"waited for the writer {1e3 * median(waited):.3g} ms a step")
+            notes.append(f"waited for a free buffer {1e3 * median(waited):.3g} ms a step")
         if case.startswith("Recorder") and with_flush.get(case) is not None:
             row.extra["overhead_with_flush_pct"] = with_flush[case]
             notes.append(f"{with_flush[case]:+.1f}% with the flush in the window")

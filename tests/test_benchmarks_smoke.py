@@ -85,7 +85,7 @@ def test_recorder_rows_give_the_overhead_with_the_flush_counted():
     }
     rows = {r.case.split(",")[0]: r for r in bench.rows("x", "y", out, ("< 10%", 10), ("", 5))}
     row = rows["Recorder every 10"]
-    assert "waited for the writer 3 ms a step" in row.note
+    assert "waited for a free buffer 3 ms a step" in row.note
     assert round(row.ratio, 6) == 2.0 and row.met is True
     assert round(row.extra["overhead_with_flush_pct"], 6) == 50.0
     assert "+50.0% with the flush in the window" in row.note
