@@ -9,8 +9,8 @@ Targets at every 10 steps: <= 10% over the bare step; sketch (k = 4096) every st
 Skipped without CUDA. ``koopkit.Recorder`` writes with zarr; without zarr only the
 torch.save and list cases run.
 
-The full size takes longer than some GPU sessions allow; run as a script, it times chosen
-cases of one model, each with its bare runs, and prints each case's rows when it is done::
+The full size takes more than ten minutes; run as a script, this module times chosen cases
+of one model, each with its bare runs, and prints each case's rows when it is done::
 
     python benchmarks/bench_recorder_cuda.py transformer --steps 200 --repeat 3 \
         --workdir /dev/shm "Recorder every 10" "torch.save every 10"
@@ -134,9 +134,7 @@ def main(argv=None) -> int:
         return 1
     common.WORKDIR = args.workdir
     net, step = mlp_workload("cuda") if args.model == "mlp" else transformer_workload("cuda")
-    machine = common.machine_info()
-    machine["threads"] = None
-    print(f"{common.describe(machine)}\n\n{common.markdown_table([])}", flush=True)
+    print(f"{common.describe(common.machine_info())}\n\n{common.markdown_table([])}", flush=True)
     for name in args.cases:
         chosen = {"bare": CASES["bare"], name: CASES[name]}
         out = time_cases(net, step, chosen, args.steps, args.warmup, args.repeat, "cuda")

@@ -308,7 +308,7 @@ def describe(machine: dict) -> str:
     return (
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
         f"GPU: {machine['gpu'] or 'none'}; Python {machine['python']}; {versions}; "
-        f"threads {machine['threads'] or 'default'}; "
+        f"threads {machine.get('threads') or 'default'}; "
         f"load average {load[0]:.2f} at start; {machine['date']}"
         if load
         else f"Machine: {machine}"

@@ -90,9 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="timed steps of the MLP")
     parser.add_argument("--workdir", help="folder for the stores (default: temp)")
     args = parser.parse_args(argv)
-    machine = common.machine_info()
-    machine["threads"] = None
-    print(common.describe(machine), flush=True)
+    print(common.describe(common.machine_info()), flush=True)
     models = {"mlp": (mlp_workload, args.steps)}
     if args.device == "cuda":  # a fifth of the steps: the Transformer's step is 30 times longer
         models["transformer"] = (transformer_workload, max(1, args.steps // 5))
