@@ -413,6 +413,7 @@ class Recorder:
         self._start_step = self.step_count
         self.optimizer, self.compressor = optimizer, compressor
         self._writer = None
+        self._vectors: dict[str, VectorStream] = {}  # made by open()
         self._workers: dict[str, ProjectionWorker] = {}  # CPU sketches, one per series
         self._hooks = []
         self._disabled = False
@@ -622,8 +623,7 @@ class Recorder:
         Each wait is step time lost to recording; if they add up, raise
         ``max_inflight_bytes``, record less often, or write to a faster disk.
         """
-        streams = getattr(self, "_vectors", {}).values()
-        workers = getattr(self, "_workers", {}).values()
+        streams, workers = self._vectors.values(), self._workers.values()
         return self._waited + sum(s.waited for s in streams) + sum(w.waited for w in workers)
 
     def attach(self, optimizer):
