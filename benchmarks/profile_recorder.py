@@ -1,6 +1,7 @@
 """Where ``rec.step``'s time goes: a diagnostic for the recorder benchmarks, not one of them.
 
-For the MLP of benchmark 4 (and on CUDA the Transformer of benchmark 5), bare and with the
+For the MLP of benchmark 4 and the Transformer of benchmark 5 (on CPU one of width 64: the
+same 144 tensors, so the same host work per tensor in a short step), bare and with the
 Recorder (sketch every step, full parameters every 10 steps), prints the wall time per step,
 the host time spent inside the training step and inside ``rec.step``, then a cProfile of
 ``rec.step`` calls alone and a ``torch.profiler`` table of ten steps. In a loop bound by
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 
 import common
 from bench_recorder_cpu import SKETCH, make_hook, mlp_workload
@@ -94,6 +96,11 @@ def main(argv=None) -> int:
     models = {"mlp": (mlp_workload, args.steps)}
     if args.device == "cuda":  # a fifth of the steps: the Transformer's step is 30 times longer
         models["transformer"] = (transformer_workload, max(1, args.steps // 5))
+    else:  # the Transformer's 144 tensors, narrow enough that a CPU step is short
+        models["transformer d=64"] = (
+            partial(transformer_workload, width=64, batch=2, seq=32),
+            args.steps,
+        )
     for name, (workload, steps) in models.items():
         model, step = workload(args.device)
         print(f"# {name}, {sum(p.numel() for p in model.parameters())} parameters", flush=True)

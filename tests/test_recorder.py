@@ -603,6 +603,90 @@ def test_a_module_renamed_mid_run_is_refused(memory_url):
     assert koopkit.open_store(memory_url).steps("r").tolist() == [0, 1]
 
 
+def _replace_weight(model, how):
+    """Replace model[0]'s weight (or model[0]) by new objects with the same shapes."""
+    new = torch.nn.Parameter(torch.full_like(model[0].weight, 0.25))
+    if how == "setattr":
+        model[0].weight = new
+    elif how == "parameters dict":
+        model[0]._parameters["weight"] = new  # as some libraries do, past every hook
+    elif how == "module":
+        model[0] = torch.nn.Linear(3, 5)
+    elif how == "modules dict":
+        model._modules["0"] = torch.nn.Linear(3, 5)
+    elif how == "data":  # same object, new storage: not a layout change
+        model[0].weight.data = torch.full_like(model[0].weight, 0.25)
+
+
+@pytest.mark.parametrize("how", ["setattr", "parameters dict", "module", "modules dict", "data"])
+def test_a_replaced_parameter_is_recorded_however_it_was_replaced(memory_url, tiny_model, how):
+    """The layout check walks the model again only when something changed; every way of
+    replacing a parameter must count as a change, so the new one is what gets recorded."""
+    model, recorded = tiny_model(), []
+    with koopkit.Recorder(memory_url, "r", model) as rec:  # a snapshot at step 0
+        rec.step()  # one with nothing changed: the walk is skipped
+        for _ in range(2):  # the second time after the walk that followed the first
+            _replace_weight(model, how)
+            rec.step()
+            recorded.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    rows = np.asarray(koopkit.open_store(memory_url).array("r"))
+    assert rows.shape[0] == 4
+    for row, flat in zip(rows[2:], recorded, strict=True):
+        np.testing.assert_array_equal(row, flat.numpy())
+    assert not np.array_equal(rows[1], rows[2])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: delattr(m[2], "bias"), r"'2\.bias' changed from shape \(2,\) to removed"),
+        (lambda m: m[0]._parameters.pop("bias"), r"'0\.bias' changed .* to removed"),
+        (lambda m: setattr(m[1], "extra", torch.nn.Parameter(torch.zeros(1))), "'1.extra'"),
+        (lambda m: m[1]._parameters.update(extra=torch.nn.Parameter(torch.zeros(1))), "1.extra"),
+        (lambda m: m._modules.update(z=torch.nn.Linear(1, 1)), "'z.weight', 'z.bias'"),
+    ],
+    ids=["delattr", "parameters dict pop", "setattr", "parameters dict", "modules dict"],
+)
+def test_a_parameter_removed_or_added_past_the_hooks_is_refused(
+    memory_url, tiny_model, change, message
+):
+    model = tiny_model()
+    with pytest.raises(ShapeChangedError, match=message):
+        with koopkit.Recorder(memory_url, "r", model) as rec:
+            rec.step()
+            rec.step()
+            change(model)
+            rec.step()
+    assert koopkit.open_store(memory_url).steps("r").tolist() == [0, 1, 2]
+
+
+def test_a_model_listing_its_own_parameters_is_walked_at_every_snapshot(memory_url):
+    """A class that overrides named_parameters may answer differently with nothing in its
+    modules changed; it gets the full walk every time."""
+
+    class Swapping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 1)
+            self.use_other = False
+            self.other = torch.nn.Linear(2, 1)
+
+        def named_parameters(self, *args, **kwargs):
+            source = self.other if self.use_other else self.inner
+            yield from source.named_parameters(*args, **kwargs)
+
+    model = Swapping()
+    torch.nn.init.constant_(model.other.weight, 0.5)
+    torch.nn.init.constant_(model.other.bias, -1.0)
+    with koopkit.Recorder(memory_url, "r", model) as rec:  # snapshots at steps 0 and 1
+        rec.step()
+        model.use_other = True
+        rec.step()
+    rows = np.asarray(koopkit.open_store(memory_url).array("r"))
+    assert rows[2].tolist() == [0.5, 0.5, -1.0]
+    assert rows[1].tolist() != rows[2].tolist()
+
+
 def test_keyboard_interrupt_marks_the_run_interrupted(memory_url, tiny_model):
     model = tiny_model()
     with pytest.raises(KeyboardInterrupt):
@@ -1225,6 +1309,73 @@ def test_flatten_into_keeps_order_and_dtypes_and_refuses_a_wrong_size():
     with pytest.raises(ValueError, match="Expected 9 values to fill a row; got 8"):
         transfer.flatten_into(wide, tensors)
     assert wide.shape == (9,)  # not resized to fit
+
+
+def test_flattener_makes_its_views_once_and_fills_like_flatten_into():
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.tensor([0.5, -1.5], dtype=torch.bfloat16)]
+    row, flatten = torch.full((8,), 7.0), transfer.Flattener()
+    flatten(row, tensors)
+    assert row.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 0.5, -1.5]
+    views = flatten.views
+    tensors[0].mul_(-1)  # a step updates the parameters in place
+    flatten(row, tensors)
+    assert flatten.views is views  # same destination and layout: no new views
+    assert row.tolist() == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0, 0.5, -1.5]
+    other = torch.zeros(8)
+    flatten(other, tensors)  # another destination: views of it
+    assert torch.equal(other, row) and flatten.views is not views
+    reshaped = [tensors[0].reshape(3, 2), tensors[1]]  # same sizes, another layout
+    flatten(other, reshaped)
+    assert [tuple(v.shape) for v in flatten.views] == [(3, 2), (2,)]
+    with pytest.raises(ValueError, match="Expected 8 values to fill a row; got 7"):
+        flatten(row, [tensors[0], tensors[1][:1]])
+    flatten(row, tensors)  # the refused call left nothing half-planned
+    assert row.tolist() == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0, 0.5, -1.5]
+
+
+class _ReferenceKernel:
+    """Stands in for the Triton module on a CPU: the torch reference, launch by launch."""
+
+    def __init__(self, reference):
+        self.reference, self.launches = reference, []
+
+    def supports(self, out):
+        return out.dtype == torch.float32
+
+    def accumulate(self, flat, offset, out, tile_offsets, tile_keys):
+        self.launches.append((offset, flat.numel(), flat.data_ptr()))
+        self.reference._accumulate(flat, offset, out)
+
+
+def test_fused_countsketch_groups_small_tensors_into_one_launch_each(monkeypatch):
+    """The fused path's plan, checked on a CPU: runs of small tensors copied into the reused
+    buffer, large ones sketched where they lie, the plan made once per layout."""
+    monkeypatch.setattr(sk, "_GROUP", 8)
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 4, 2, 9, 1, 1]  # runs: [3, 4] | [2] | [9] | [1, 1]
+    tensors = [torch.randint(-4, 5, (n,), generator=g).float() for n in sizes]
+    tensors[1] = tensors[1].reshape(2, 2).to(torch.bfloat16)
+    n, k = sum(sizes), 5
+    fused, reference = sk.CountSketch(k, n, seed=2), sk.CountSketch(k, n, seed=2)
+    kernel = fused._fused = _ReferenceKernel(reference)
+    expected = reference.project(tensors, torch.zeros(k))
+    got = fused.project(tensors, torch.zeros(k))
+    assert torch.equal(got, expected)  # small integers: every sum is exact
+    buffer = fused._buffer.data_ptr()
+    assert kernel.launches == [
+        (0, 7, buffer),
+        (7, 2, tensors[2].data_ptr()),
+        (9, 9, tensors[3].data_ptr()),
+        (18, 2, buffer),
+    ]
+    groups = fused._groups
+    tensors[0].mul_(3)  # in place, as an optimizer step
+    got = fused.project(tensors, torch.zeros(k))
+    assert fused._groups is groups  # same layout: the plan is reused
+    assert torch.equal(got, reference.project(tensors, torch.zeros(k)))
+    with pytest.raises(ValueError, match=f"Expected {n} coordinates to sketch; got {n - 1}"):
+        fused.project([*tensors[:-1], tensors[-1][:0]], torch.zeros(k))
+    assert fused._groups is groups  # a refused layout does not replace the plan
 
 
 def test_failed_open_closes_the_projection_worker(memory_url, tiny_model, monkeypatch):

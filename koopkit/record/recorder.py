@@ -26,7 +26,14 @@ from ..store import layout
 from ..store.writer import RunWriter, SeriesSpec
 from .schedule import make_schedule
 from .sketch import METHODS, check_sketch, make_sketch
-from .transfer import ProjectionWorker, ScalarLog, VectorStream, WriterThread, flatten_into
+from .transfer import (
+    Flattener,
+    ProjectionWorker,
+    ScalarLog,
+    VectorStream,
+    WriterThread,
+    flatten_into,
+)
 
 __all__ = ["Recorder", "Probe"]
 
@@ -200,6 +207,33 @@ def _select(model, params):
             "materialise the model (model.to_empty(device=...), then load its weights) first."
         )
     return chosen, ("full" if len(chosen) == len(named) else "subset")
+
+
+def _walk(model):
+    """The modules ``model.named_parameters()`` visits and what it reads from each: the names
+    and identities of their children and parameters (held, so no identity is reused).
+
+    None when a module overrides how it lists them: then only a full walk tells.
+    """
+    modules = list(model.modules())
+    Module = torch.nn.Module
+    if type(model).named_parameters is not Module.named_parameters or any(
+        type(m)._named_members is not Module._named_members
+        or type(m).named_modules is not Module.named_modules
+        for m in modules
+    ):
+        return None
+    held = [v for m in modules for d in (m._modules, m._parameters) for v in d.values()]
+    return modules, _structure(modules), held
+
+
+def _structure(modules):
+    return [
+        (name, id(value))
+        for m in modules
+        for d in (m._modules, m._parameters)
+        for name, value in d.items()
+    ]
 
 
 def _tensors_table(chosen):
@@ -665,6 +699,7 @@ class Recorder:
         self._kind = "sketch" if self.sketch is not None else kind
         self._table, self._size = _tensors_table(self._chosen)
         self._shapes = [tuple(p.shape) for _, p in self._chosen]
+        self._walked = None  # what the last full layout check saw
         self._model_size = (
             sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
         )
@@ -741,7 +776,11 @@ class Recorder:
                         torch.promote_types(self.dtype, torch.float32),  # round after projecting
                         self._sketcher.project,
                     )
-                fill = functools.partial(self._fill, tensors=vectors[path], worker=worker)
+                # a CPU row is a new row of a host buffer each time; elsewhere, one staging row
+                flatten = flatten_into if self.device.type == "cpu" else Flattener()
+                fill = functools.partial(
+                    self._fill, tensors=vectors[path], worker=worker, flatten=flatten
+                )
                 self._add_vector(path, (width,), ("param",), attrs, fill, worker=worker)
         for plan in self._probe_plans:
             self._add_probe(plan)
@@ -804,7 +843,20 @@ class Recorder:
         return [*self._vectors.values(), *self._scalars.values()]
 
     def _check_layout(self, step):
-        """Follow replaced parameter objects; refuse a change of shape or of the set of names."""
+        """Follow replaced parameter objects; refuse a change of shape or of the set of names.
+
+        Walking ``named_parameters`` costs over a microsecond a module at every snapshot, so
+        it runs only when a module's children or parameters changed (by name or identity)
+        since the last walk, or a recorded parameter's shape did. Comparing those is the
+        same answer at half the cost.
+        """
+        walked = self._walked
+        if (
+            walked is not None
+            and _structure(walked[0]) == walked[1]
+            and [p.shape for _, p in self._chosen] == self._shapes
+        ):
+            return
         current = dict(self.model.named_parameters())
         for i, ((name, _), shape) in enumerate(zip(self._chosen, self._shapes, strict=True)):
             now = current.get(name)
@@ -823,6 +875,7 @@ class Recorder:
                 "records one parameter layout. Start a new run, or name the parameters to "
                 "record with params=[...]."
             )
+        self._walked = _walk(self.model)
 
     def _params(self):
         return [p for _, p in self._chosen]
@@ -855,10 +908,10 @@ class Recorder:
                 stacklevel=4,
             )
 
-    def _fill(self, row, tensors, worker):
+    def _fill(self, row, tensors, worker, flatten):
         if worker is not None:
             worker.submit(tensors(), row)
         elif self.sketch:
             self._sketcher.project(tensors(), row)
         else:
-            flatten_into(row, tensors())
+            flatten(row, tensors())

@@ -13,10 +13,13 @@ References: Charikar, Chen & Farach-Colton (2002), CountSketch; Woodruff (2014),
 from __future__ import annotations
 
 import importlib.util
+import math
 import numbers
 import threading
 
 import torch
+
+from .transfer import views_of
 
 METHODS = ("countsketch", "gaussian")
 _TABLE_LIMIT = 1 << 28  # above this many parameters, hash on the fly instead of caching tables
@@ -96,6 +99,7 @@ class CountSketch:
         self.tile_keys = _mix(tiles, 2 * self.seed + 2) & _MASK32
         self._fused = _fused_kernel(self.device)
         self._buffer = None  # where the fused path concatenates small tensors
+        self._shapes, self._groups = None, []  # the fused path's runs, planned per layout
         self._tables = None  # per-coordinate buckets and signs, made on first use
         self._tables_lock = threading.Lock()  # params and grads may project at once
 
@@ -117,44 +121,62 @@ class CountSketch:
             wide = torch.empty(out.shape, dtype=torch.float32, device=out.device)
             return out.copy_(self.project(tensors, wide))
         out.zero_()
+        if self._fused is not None and self._fused.supports(out):
+            self._project_fused(tensors, out)
+            return out
         flats = [t.reshape(-1) for t in tensors]
         total = sum(flat.numel() for flat in flats)
         if total != self.size:
             raise ValueError(f"Expected {self.size} coordinates to sketch; got {total}.")
-        if self._fused is not None and self._fused.supports(out):
-            self._project_fused(flats, out)
-            return out
         offset = 0
         for flat in flats:
             self._accumulate(flat, offset, out)
             offset += flat.numel()
         return out
 
-    def _project_fused(self, flats, out):
-        """One kernel launch per group of small tensors, concatenated into a reused buffer.
+    def _project_fused(self, tensors, out):
+        """One kernel launch per group of small tensors, copied into a reused buffer.
 
         A launch costs tens of microseconds on the host, a model has hundreds of tensors,
-        and the copy into the buffer is one fast device kernel per group. The buffer (at most
-        2**26 float32, 256 MiB) lives as long as the sketch and is reused call after call, so
-        calls must come from one CUDA stream, as the Recorder's do.
+        and the copy into the buffer is one ``torch._foreach_copy_`` per group, into views
+        made once per layout. The buffer (at most 2**26 float32, 256 MiB) lives as long as
+        the sketch and is reused call after call, so calls must come from one CUDA stream,
+        as the Recorder's do.
         """
-        group, group_start, offset = [], 0, 0
-        for flat in flats + [None]:
-            n = 0 if flat is None else flat.numel()
-            size = offset - group_start
-            if group and (flat is None or n >= _GROUP or size + n > _GROUP):
-                if len(group) == 1:
-                    self._launch(group[0], group_start, out)
-                else:
-                    if self._buffer is None:
-                        self._buffer = torch.empty(min(_GROUP, self.size), device=out.device)
-                    torch.cat(group, out=self._buffer[:size])
-                    self._launch(self._buffer[:size], group_start, out)
-                group, group_start = [], offset
-            if flat is not None:
-                group.append(flat)
-                offset += n
+        shapes = [t.shape for t in tensors]
+        if shapes != self._shapes:
+            self._groups, self._shapes = self._plan_groups(shapes, out.device), shapes
+        for first, stop, offset, flat, views in self._groups:
+            if views is None:  # one tensor: sketched where it lies
+                self._launch(tensors[first].reshape(-1), offset, out)
+            else:
+                torch._foreach_copy_(views, tensors[first:stop])
+                self._launch(flat, offset, out)
         return out
+
+    def _plan_groups(self, shapes, device):
+        """Runs of consecutive tensors, each sketched by one launch: (first, stop, offset,
+        flat, views), with ``views`` of the buffer's ``flat`` head, or None for a run of one.
+
+        A tensor of at least 2**26 entries is a run of its own; smaller ones join a run while
+        it stays within 2**26 entries.
+        """
+        sizes = [math.prod(shape) for shape in shapes]
+        if sum(sizes) != self.size:
+            raise ValueError(f"Expected {self.size} coordinates to sketch; got {sum(sizes)}.")
+        groups, first, offset, size = [], 0, 0, 0  # size: of the run from first to i
+        for i, n in enumerate([*sizes, None]):
+            if i > first and (n is None or n >= _GROUP or size + n > _GROUP):
+                flat = views = None
+                if i - first > 1:
+                    if self._buffer is None:
+                        self._buffer = torch.empty(min(_GROUP, self.size), device=device)
+                    flat = self._buffer[:size]
+                    views = views_of(flat, shapes[first:i])
+                groups.append((first, i, offset, flat, views))
+                first, offset, size = i, offset + size, 0
+            size += n or 0
+        return groups
 
     def _launch(self, flat, offset, out):
         self._fused.accumulate(flat, offset, out, self.tile_offsets, self.tile_keys)

@@ -13,6 +13,7 @@ committed at once, so a sparse schedule does not keep its rows on the host for h
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -41,6 +42,34 @@ def flatten_into(row: torch.Tensor, tensors) -> None:
         raise ValueError(f"Expected {row.numel()} values to fill a row; got {total}.")
     if flats:
         torch.cat(flats, out=row)
+
+
+def views_of(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Consecutive views of the 1-d ``flat`` with the given shapes, which must fill it."""
+    sizes = [math.prod(shape) for shape in shapes]
+    if sum(sizes) != flat.numel():
+        raise ValueError(f"Expected {flat.numel()} values to fill a row; got {sum(sizes)}.")
+    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
+
+
+class Flattener:
+    """``flatten_into`` for a destination filled again and again (a device staging row, a
+    sketch's input): the views of it are made once per destination and layout, so a fill is
+    one ``torch._foreach_copy_`` instead of a reshape per tensor and a cat: on the host,
+    one call instead of a few hundred for a model's hundreds of tensors.
+    """
+
+    def __init__(self):
+        self.out, self.shapes, self.views = None, None, []
+
+    @torch.no_grad()
+    def __call__(self, out: torch.Tensor, tensors) -> None:
+        shapes = [t.shape for t in tensors]
+        if out is not self.out or shapes != self.shapes:
+            self.views = views_of(out, shapes)
+            self.out, self.shapes = out, shapes
+        if self.views:
+            torch._foreach_copy_(self.views, tensors)
 
 
 class VectorStream:
@@ -169,6 +198,7 @@ class ProjectionWorker:
 
     def __init__(self, size: int, dtype: torch.dtype, project):
         self.input = torch.empty(size, dtype=dtype)
+        self.flatten = Flattener()
         self.project = project
         self.input_free = threading.Semaphore(1)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="koopkit-sketch")
@@ -181,7 +211,7 @@ class ProjectionWorker:
             self.input_free.acquire()
             self.waited += time.monotonic() - start
         try:
-            flatten_into(self.input, tensors)
+            self.flatten(self.input, tensors)
             self.pool.submit(self._project, row)
         except BaseException:  # nothing queued: the input is free again
             self.input_free.release()
