@@ -660,6 +660,48 @@ def test_a_parameter_removed_or_added_past_the_hooks_is_refused(
     assert koopkit.open_store(memory_url).steps("r").tolist() == [0, 1, 2]
 
 
+def test_after_a_refused_layout_the_restored_model_is_what_gets_recorded(memory_url, tiny_model):
+    """A refusal must not leave the recorder following a parameter the model gave back."""
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model) as rec:
+        original, kept = model[0].weight, model[2].weight.data
+        model[0].weight = torch.nn.Parameter(torch.full_like(original, 7.0))  # followed ...
+        model[2].weight.data = torch.zeros(4, 4)  # ... before this is refused
+        with pytest.raises(ShapeChangedError, match=r"'2\.weight' changed"):
+            rec.step()
+        model[0].weight, model[2].weight.data = original, kept  # put back as it was
+        rec.step()
+        expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    store = koopkit.open_store(memory_url)
+    assert store.steps("r").tolist() == [0, 2]
+    np.testing.assert_array_equal(np.asarray(store.array("r"))[-1], expected)
+
+
+def test_the_layout_check_keeps_no_replaced_module_alive(memory_url):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    model = Net()
+    with koopkit.Recorder(memory_url, "r", model, every=1000, params=["head.weight"]):
+        old = weakref.ref(model.backbone)
+        model.backbone = torch.nn.Linear(4, 4)
+        gc.collect()
+        assert old() is None
+
+
+def test_a_named_parameters_set_on_the_instance_is_honoured(memory_url, tiny_model):
+    model = tiny_model()
+    plain = model.named_parameters
+    model.named_parameters = lambda *a, **k: ((n, p) for n, p in plain(*a, **k) if p.requires_grad)
+    with pytest.raises(ShapeChangedError, match=r"'0\.weight' changed .* to removed"):
+        with koopkit.Recorder(memory_url, "r", model) as rec:
+            rec.step()
+            model[0].requires_grad_(False)  # no longer listed by the instance's method
+            rec.step()
+
+
 def test_a_model_listing_its_own_parameters_is_walked_at_every_snapshot(memory_url):
     """A class that overrides named_parameters may answer differently with nothing in its
     modules changed; it gets the full walk every time."""
@@ -682,6 +724,7 @@ def test_a_model_listing_its_own_parameters_is_walked_at_every_snapshot(memory_u
         rec.step()
         model.use_other = True
         rec.step()
+        assert rec._walked is False  # decided once: no listing of modules at each snapshot
     rows = np.asarray(koopkit.open_store(memory_url).array("r"))
     assert rows[2].tolist() == [0.5, 0.5, -1.0]
     assert rows[1].tolist() != rows[2].tolist()
@@ -1331,6 +1374,30 @@ def test_flattener_makes_its_views_once_and_fills_like_flatten_into():
         flatten(row, [tensors[0], tensors[1][:1]])
     flatten(row, tensors)  # the refused call left nothing half-planned
     assert row.tolist() == [0.0, -1.0, -2.0, -3.0, -4.0, -5.0, 0.5, -1.5]
+
+
+def test_flattener_copies_odd_sources_on_their_own_and_all_values_right():
+    """Sources of another dtype or other strides than the views (a channels_last weight)
+    are copied one by one; the rest in one foreach copy. The values come out the same."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(2, 3, generator=g),
+        torch.randn(2, 3, 2, 2, generator=g).to(memory_format=torch.channels_last),
+        torch.randn(4, generator=g).to(torch.bfloat16),
+        torch.randn(3, 2, generator=g).t(),  # transposed
+        torch.randn(5, generator=g),
+        torch.tensor(2.5),  # 0-d
+        torch.zeros(0),
+    ]
+    n = sum(t.numel() for t in tensors)
+    out, flatten = torch.full((n,), 9.0), transfer.Flattener()
+    flatten(out, tensors)
+    assert torch.equal(out, torch.cat([t.reshape(-1).float() for t in tensors]))
+    assert flatten.together == [0, 4, 5, 6] and flatten.alone == [1, 2, 3]
+    for t in tensors:
+        t.add_(1)
+    flatten(out, tensors)
+    assert torch.equal(out, torch.cat([t.reshape(-1).float() for t in tensors]))
 
 
 class _ReferenceKernel:

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,22 +210,30 @@ def _select(model, params):
     return chosen, ("full" if len(chosen) == len(named) else "subset")
 
 
-def _walk(model):
-    """The modules ``model.named_parameters()`` visits and what it reads from each: the names
-    and identities of their children and parameters (held, so no identity is reused).
-
-    None when a module overrides how it lists them: then only a full walk tells.
-    """
-    modules = list(model.modules())
+def _lists_its_own(module) -> bool:
+    """Whether a module overrides how it lists its parameters, on its class or itself."""
     Module = torch.nn.Module
-    if type(model).named_parameters is not Module.named_parameters or any(
-        type(m)._named_members is not Module._named_members
-        or type(m).named_modules is not Module.named_modules
-        for m in modules
-    ):
-        return None
-    held = [v for m in modules for d in (m._modules, m._parameters) for v in d.values()]
-    return modules, _structure(modules), held
+    names = ("named_parameters", "_named_members", "named_modules")
+    return any(
+        getattr(type(module), name) is not getattr(Module, name) or name in vars(module)
+        for name in names
+    )
+
+
+def _walk(model):
+    """What ``model.named_parameters()`` reads: the modules it visits (weakly, so a module
+    replaced since is neither kept alive nor mistaken for a new one at its address), and
+    each one's children and parameters by name and identity. Parameters are compared by
+    identity only while the recorder holds the recorded ones; the others do not matter.
+
+    False when a module lists its own parameters: then only a full walk tells.
+    """
+    if _lists_its_own(model):
+        return False
+    modules = list(model.modules())
+    if any(_lists_its_own(m) for m in modules):
+        return False
+    return [weakref.ref(m) for m in modules], _structure(modules)
 
 
 def _structure(modules):
@@ -699,7 +708,7 @@ class Recorder:
         self._kind = "sketch" if self.sketch is not None else kind
         self._table, self._size = _tensors_table(self._chosen)
         self._shapes = [tuple(p.shape) for _, p in self._chosen]
-        self._walked = None  # what the last full layout check saw
+        self._walked = None  # what the last full layout check saw; None: walk, False: always
         self._model_size = (
             sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
         )
@@ -851,14 +860,18 @@ class Recorder:
         same answer at half the cost.
         """
         walked = self._walked
-        if (
-            walked is not None
-            and _structure(walked[0]) == walked[1]
-            and [p.shape for _, p in self._chosen] == self._shapes
-        ):
-            return
+        if walked:
+            modules = [ref() for ref in walked[0]]
+            if (
+                None not in modules
+                and _structure(modules) == walked[1]
+                and [p.shape for _, p in self._chosen] == self._shapes
+            ):
+                return
+            self._walked = None  # walk again at the next snapshot if this one raises
         current = dict(self.model.named_parameters())
-        for i, ((name, _), shape) in enumerate(zip(self._chosen, self._shapes, strict=True)):
+        chosen = []
+        for (name, _), shape in zip(self._chosen, self._shapes, strict=True):
             now = current.get(name)
             if now is None or tuple(now.shape) != shape:
                 got = "removed" if now is None else f"shape {tuple(now.shape)}"
@@ -866,16 +879,18 @@ class Recorder:
                     f"Parameter {name!r} changed from shape {shape} to {got} at step {step}; "
                     "a run records one parameter layout. Start a new run."
                 )
-            self._chosen[i] = (name, now)
-        if self.params is True and len(current) > len(self._chosen):
-            recorded = {name for name, _ in self._chosen}
+            chosen.append((name, now))
+        if self.params is True and len(current) > len(chosen):
+            recorded = {name for name, _ in chosen}
             added = [name for name in current if name not in recorded]
             raise ShapeChangedError(
                 f"Parameters {', '.join(map(repr, added))} were added at step {step}; a run "
                 "records one parameter layout. Start a new run, or name the parameters to "
                 "record with params=[...]."
             )
-        self._walked = _walk(self.model)
+        self._chosen = chosen
+        if walked is not False:
+            self._walked = _walk(self.model)
 
     def _params(self):
         return [p for _, p in self._chosen]

@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from .transfer import views_of
+from .transfer import Flattener
 
 METHODS = ("countsketch", "gaussian")
 _TABLE_LIMIT = 1 << 28  # above this many parameters, hash on the fly instead of caching tables
@@ -138,25 +138,25 @@ class CountSketch:
         """One kernel launch per group of small tensors, copied into a reused buffer.
 
         A launch costs tens of microseconds on the host, a model has hundreds of tensors,
-        and the copy into the buffer is one ``torch._foreach_copy_`` per group, into views
-        made once per layout. The buffer (at most 2**26 float32, 256 MiB) lives as long as
-        the sketch and is reused call after call, so calls must come from one CUDA stream,
-        as the Recorder's do.
+        and the copy into the buffer is one ``Flattener`` fill per group. The buffer (at
+        most 2**26 float32, 256 MiB) lives as long as the sketch and is reused call after
+        call, so calls must come from one CUDA stream, as the Recorder's do.
         """
         shapes = [t.shape for t in tensors]
         if shapes != self._shapes:
             self._groups, self._shapes = self._plan_groups(shapes, out.device), shapes
-        for first, stop, offset, flat, views in self._groups:
-            if views is None:  # one tensor: sketched where it lies
+        for first, stop, offset, flat, flatten in self._groups:
+            if flatten is None:  # one tensor: sketched where it lies
                 self._launch(tensors[first].reshape(-1), offset, out)
             else:
-                torch._foreach_copy_(views, tensors[first:stop])
+                flatten(flat, tensors[first:stop])
                 self._launch(flat, offset, out)
         return out
 
     def _plan_groups(self, shapes, device):
         """Runs of consecutive tensors, each sketched by one launch: (first, stop, offset,
-        flat, views), with ``views`` of the buffer's ``flat`` head, or None for a run of one.
+        flat, flatten), ``flatten`` filling the buffer's head ``flat``, or None for a run of
+        one.
 
         A tensor of at least 2**26 entries is a run of its own; smaller ones join a run while
         it stays within 2**26 entries.
@@ -167,13 +167,12 @@ class CountSketch:
         groups, first, offset, size = [], 0, 0, 0  # size: of the run from first to i
         for i, n in enumerate([*sizes, None]):
             if i > first and (n is None or n >= _GROUP or size + n > _GROUP):
-                flat = views = None
+                flat = flatten = None
                 if i - first > 1:
                     if self._buffer is None:
                         self._buffer = torch.empty(min(_GROUP, self.size), device=device)
-                    flat = self._buffer[:size]
-                    views = views_of(flat, shapes[first:i])
-                groups.append((first, i, offset, flat, views))
+                    flat, flatten = self._buffer[:size], Flattener()
+                groups.append((first, i, offset, flat, flatten))
                 first, offset, size = i, offset + size, 0
             size += n or 0
         return groups

@@ -17,6 +17,7 @@ import math
 import queue
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -57,19 +58,45 @@ class Flattener:
     sketch's input): the views of it are made once per destination and layout, so a fill is
     one ``torch._foreach_copy_`` instead of a reshape per tensor and a cat: on the host,
     one call instead of a few hundred for a model's hundreds of tensors.
+
+    ``_foreach_copy_`` copies in one launch on CUDA only sources of one dtype with the
+    views' strides; it would copy all of them one launch at a time if any other (a
+    channels_last weight, a float32 norm among bfloat16 weights) were among them, so those
+    are copied on their own.
     """
 
     def __init__(self):
         self.out, self.shapes, self.views = None, None, []
+        self.together, self.alone = None, []  # indices of the sources; None: all together
 
     @torch.no_grad()
     def __call__(self, out: torch.Tensor, tensors) -> None:
         shapes = [t.shape for t in tensors]
         if out is not self.out or shapes != self.shapes:
-            self.views = views_of(out, shapes)
-            self.out, self.shapes = out, shapes
-        if self.views:
-            torch._foreach_copy_(self.views, tensors)
+            self._plan(out, shapes, tensors)
+        views, together = self.views, self.together
+        if together is None:  # the usual case: every source alike
+            if views:
+                torch._foreach_copy_(views, tensors)
+            return
+        if together:
+            torch._foreach_copy_([views[i] for i in together], [tensors[i] for i in together])
+        for i in self.alone:
+            views[i].copy_(tensors[i])
+
+    def _plan(self, out, shapes, tensors) -> None:
+        """Which sources go together: those of the most common dtype with the views' strides
+        (judged when the layout changes; a later change of dtype or strides only costs time)."""
+        views = views_of(out, shapes)
+        alike = [t.stride() == v.stride() for t, v in zip(tensors, views, strict=True)]
+        dtypes = Counter(t.dtype for t, ok in zip(tensors, alike, strict=True) if ok)
+        common = dtypes.most_common(1)[0][0] if dtypes else None
+        together = [i for i, t in enumerate(tensors) if alike[i] and t.dtype == common]
+        self.out, self.shapes, self.views = out, shapes, views
+        self.together, self.alone = None, []
+        if len(together) < len(tensors):
+            self.together = together
+            self.alone = sorted(set(range(len(tensors))) - set(together))
 
 
 class VectorStream:
