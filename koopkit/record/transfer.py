@@ -138,6 +138,8 @@ class VectorStream:
             self.staging = torch.empty(self.size, dtype=dtype, device=self.device)
             self.staging_free = torch.cuda.Event()
             self.staging_free.record(self.side)
+            # recorded again at each snapshot: a wait already queued keeps the record it saw
+            self.filled = torch.cuda.Event()
         elif self.device.type != "cpu":
             self.staging = torch.empty(self.size, dtype=dtype, device=self.device)
 
@@ -153,10 +155,9 @@ class VectorStream:
             main = torch.cuda.current_stream(self.device)
             main.wait_event(self.staging_free)  # the previous copy out of staging is done
             fill(self.staging)
-            filled = torch.cuda.Event()
-            filled.record(main)
+            self.filled.record(main)
             with torch.cuda.stream(self.side):
-                self.side.wait_event(filled)
+                self.side.wait_event(self.filled)
                 row.copy_(self.staging, non_blocking=True)
                 self.staging_free.record(self.side)
         elif self.device.type == "cpu":
