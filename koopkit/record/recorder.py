@@ -223,8 +223,9 @@ def _lists_its_own(module) -> bool:
 def _walk(model):
     """What ``model.named_parameters()`` reads: the modules it visits (weakly, so a module
     replaced since is neither kept alive nor mistaken for a new one at its address), and
-    each one's children and parameters by name and identity. Parameters are compared by
-    identity only while the recorder holds the recorded ones; the others do not matter.
+    each one's children and parameters by name and id. The recorder holds the parameters it
+    records, so no new parameter can take one of their ids; a change to another parameter
+    does not matter.
 
     False when a module lists its own parameters: then only a full walk tells.
     """
