@@ -144,19 +144,19 @@ class CountSketch:
         """
         shapes = [t.shape for t in tensors]
         if shapes != self._shapes:
-            self._groups, self._shapes = self._plan_groups(shapes, out.device), shapes
+            self._groups, self._shapes = self._plan_groups(shapes, tensors, out.device), shapes
         for first, stop, offset, flat, flatten in self._groups:
             if flatten is None:  # one tensor: sketched where it lies
                 self._launch(tensors[first].reshape(-1), offset, out)
             else:
-                flatten(flat, tensors[first:stop])
+                flatten.copy(tensors[first:stop])  # planned with the groups
                 self._launch(flat, offset, out)
         return out
 
-    def _plan_groups(self, shapes, device):
+    def _plan_groups(self, shapes, tensors, device):
         """Runs of consecutive tensors, each sketched by one launch: (first, stop, offset,
-        flat, flatten), ``flatten`` filling the buffer's head ``flat``, or None for a run of
-        one.
+        flat, flatten), ``flatten`` a Flattener planned to fill the buffer's head ``flat``,
+        or None for a run of one.
 
         A tensor of at least 2**26 entries is a run of its own; smaller ones join a run while
         it stays within 2**26 entries.
@@ -172,6 +172,7 @@ class CountSketch:
                     if self._buffer is None:
                         self._buffer = torch.empty(min(_GROUP, self.size), device=device)
                     flat, flatten = self._buffer[:size], Flattener()
+                    flatten.plan(flat, shapes[first:i], tensors[first:i])
                 groups.append((first, i, offset, flat, flatten))
                 first, offset, size = i, offset + size, 0
             size += n or 0

@@ -69,24 +69,16 @@ class Flattener:
         self.out, self.shapes, self.views = None, None, []
         self.together, self.alone = None, []  # indices of the sources; None: all together
 
-    @torch.no_grad()
     def __call__(self, out: torch.Tensor, tensors) -> None:
         shapes = [t.shape for t in tensors]
         if out is not self.out or shapes != self.shapes:
-            self._plan(out, shapes, tensors)
-        views, together = self.views, self.together
-        if together is None:  # the usual case: every source alike
-            if views:
-                torch._foreach_copy_(views, tensors)
-            return
-        if together:
-            torch._foreach_copy_([views[i] for i in together], [tensors[i] for i in together])
-        for i in self.alone:
-            views[i].copy_(tensors[i])
+            self.plan(out, shapes, tensors)
+        self.copy(tensors)
 
-    def _plan(self, out, shapes, tensors) -> None:
-        """Which sources go together: those of the most common dtype with the views' strides
-        (judged when the layout changes; a later change of dtype or strides only costs time)."""
+    def plan(self, out, shapes, tensors) -> None:
+        """Views of ``out`` for ``shapes``, and which sources go together: those of the most
+        common dtype with the views' strides (judged here; a later change of dtype or
+        strides only costs time)."""
         views = views_of(out, shapes)
         alike = [t.stride() == v.stride() for t, v in zip(tensors, views, strict=True)]
         dtypes = Counter(t.dtype for t, ok in zip(tensors, alike, strict=True) if ok)
@@ -97,6 +89,19 @@ class Flattener:
         if len(together) < len(tensors):
             self.together = together
             self.alone = sorted(set(range(len(tensors))) - set(together))
+
+    @torch.no_grad()
+    def copy(self, tensors) -> None:
+        """Fill the planned destination from ``tensors`` of the planned shapes."""
+        views, together = self.views, self.together
+        if together is None:  # the usual case: every source alike
+            if views:
+                torch._foreach_copy_(views, tensors)
+            return
+        if together:
+            torch._foreach_copy_([views[i] for i in together], [tensors[i] for i in together])
+        for i in self.alone:
+            views[i].copy_(tensors[i])
 
 
 class VectorStream:
