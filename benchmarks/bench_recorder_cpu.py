@@ -161,13 +161,16 @@ def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
     Each repetition pairs every case with its own bare run (bare first in even repetitions,
     second in odd ones), so the overhead compares runs seconds apart and a machine that
     speeds up or slows down over minutes does not bias it. Also each case's peak extra host
-    RSS, and for the Recorder the time per step the loop waited for a free snapshot buffer.
+    RSS, for the Recorder the time per step the loop waited for a free snapshot buffer, and
+    the time per step the loop spent inside the hook: what the hook costs the training thread
+    itself, less noisy than the overhead; the rest of the overhead is what threads beside it
+    (writer, sketch, page faulting) take from the step.
     The final flush, which a long run pays once, is reported on its own.
     """
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    keys = ("times", "flush", "peaks", "ratios", "ratios_with_flush", "waited")
+    keys = ("times", "flush", "peaks", "ratios", "ratios_with_flush", "waited", "in_hook")
     out = {key: {name: [] for name in cases} for key in keys}
 
     def one(name, window):
@@ -181,11 +184,16 @@ def time_cases(model, step, cases, steps, warmup, repeat, device) -> dict:
                     hook.step(step())
                 sync()
                 waited = hook.waited_s
+                in_hook = 0.0
                 start = time.perf_counter()
                 for _ in range(timed):
-                    hook.step(step())
+                    loss = step()
+                    before = time.perf_counter()
+                    hook.step(loss)
+                    in_hook += time.perf_counter() - before
                 sync()
                 stop = time.perf_counter()
+                out["in_hook"][name].append(in_hook / timed)
                 if waited is not None:
                     out["waited"][name].append((hook.waited_s - waited) / timed)
                 hook.close()
@@ -252,6 +260,9 @@ def rows(name: str, label: str, out: dict, every, sketch, fifth_of_save=True) ->
             row.ratio, row.vs = overhead[case], "{ratio:+.1f}% over bare step"
             spread = [100 * (r - 1) for r in out["ratios"][case]]
             notes.append(f"repetitions {min(spread):+.1f}% to {max(spread):+.1f}%")
+        in_hook = out.get("in_hook", {}).get(case)
+        if case != "bare" and in_hook:
+            notes.append(f"in the hook {1e3 * median(in_hook):.3g} ms a step")
         waited = out.get("waited", {}).get(case)
         if waited:
             notes.append(f"waited for a free buffer {1e3 * median(waited):.3g} ms a step")

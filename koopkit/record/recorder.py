@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..store import layout
 from ..store.writer import RunWriter, SeriesSpec
+from .pages import Pager
 from .schedule import make_schedule
 from .sketch import METHODS, check_sketch, make_sketch
 from .transfer import (
@@ -459,6 +460,7 @@ class Recorder:
         self._writer = None
         self._vectors: dict[str, VectorStream] = {}  # made by open()
         self._workers: dict[str, ProjectionWorker] = {}  # CPU sketches, one per series
+        self._pager: Pager | None = None  # faults in fresh host buffers (made by open())
         self._hooks = []
         self._disabled = False
         self._holds_sigterm = False
@@ -499,6 +501,7 @@ class Recorder:
         }
         self._writer = RunWriter(self.store, self.run_id, metadata, resume=self.resume)
         self._thread = WriterThread(self._writer)
+        self._pager = Pager()
         try:
             self._open_series()
         except BaseException:
@@ -569,9 +572,13 @@ class Recorder:
         return writer
 
     def _close_workers(self):
+        """Stop the helper threads (sketch projections, page faulting); they hold buffers."""
         for worker in self._workers.values():
             worker.close()
         self._workers = {}
+        if self._pager is not None:
+            self._pager.close()
+            self._pager = None
 
     def _report(self, error) -> None:
         """A failed write: raise it (on_error="raise") or warn once (on_error="warn")."""
@@ -824,6 +831,7 @@ class Recorder:
             self.on_full,
             worker=worker,
             written=series.written,
+            pager=self._pager,
         )
         self._vectors[path], self._fillers[path] = stream, fill
 

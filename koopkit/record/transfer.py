@@ -5,6 +5,8 @@ Each vector series (params, grads, a probe, a sketch) owns a few host chunk buff
 by a plain copy, on CUDA by a device-side flatten followed by an asynchronous copy on a side
 stream into pinned memory, with an event recorded. A full buffer goes to the writer thread,
 which waits on the event (never the training thread) and writes the whole chunk row.
+Unpinned buffers are faulted in by a helper thread the first time each is used
+(``pages.Pager``), so the training thread's copies do not take the page faults.
 Memory in flight is bounded by the number of buffers; when all are in flight, ``on_full``
 decides: "block" waits for the writer (nothing lost), "drop" skips snapshots and counts them.
 A buffer whose oldest row has waited ``flush_every_s`` is handed off before it fills, and
@@ -119,6 +121,7 @@ class VectorStream:
         on_full,
         worker=None,
         written=0,
+        pager=None,
     ):
         self.path = path
         self.size = int(size)
@@ -132,7 +135,10 @@ class VectorStream:
         self.free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
             self.free.put(_host_buffer((self.chunk_steps, self.size), dtype, pin=self.cuda))
-        self.current = self.free.get()
+        # a Pager faults in each unpinned buffer the first time it becomes the current one
+        self.pager = None if self.cuda else pager
+        self.fresh = set() if self.pager is None else {id(b) for b in self.free.queue}
+        self.current = self._take(self.free.get())
         self.steps: list[int] = []
         self.since = 0.0  # when the first row of the current buffer was captured
         self.position = int(written)  # rows of the series handed off (or stored) before
@@ -151,7 +157,7 @@ class VectorStream:
     def capture(self, step: int, fill) -> None:
         """Record one snapshot; ``fill(row)`` writes the flat vector into a device row."""
         if self.current is None:
-            self.current = self._acquire()
+            self.current = self._take(self._acquire())
             if self.current is None:
                 self.dropped += 1
                 return
@@ -200,7 +206,14 @@ class VectorStream:
         self.current, self.steps = None, []
         self.position += len(steps)
         self.writer.submit(self, steps, buffer, done, flush=flush)
-        self.current = self._acquire()
+        self.current = self._take(self._acquire())
+
+    def _take(self, buffer):
+        """``buffer`` as the current one; the first time, the pager faults it in."""
+        if buffer is not None and id(buffer) in self.fresh:
+            self.fresh.discard(id(buffer))
+            self.pager.populate(buffer)
+        return buffer
 
     def _acquire(self):
         """A free buffer: wait for one (on_full="block", the wait counted), or None when all
