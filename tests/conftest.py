@@ -62,6 +62,14 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def projection_beside(monkeypatch):
+    """A CPU sketch projected on its helper thread, whatever torch's thread count."""
+    from koopkit.record import recorder
+
+    monkeypatch.setattr(recorder, "a_core_is_free", lambda: True)
+
+
+@pytest.fixture
 def restore_sigterm():
     """The Recorder installs a SIGTERM handler while open; never let one leak between tests."""
     import signal

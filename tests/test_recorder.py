@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import signal
 import threading
 import time
@@ -1241,7 +1242,9 @@ def test_countsketch_is_a_signed_bucket_map_rotating_each_tile():
     assert 0.4 < (signs > 0).float().mean() < 0.6
 
 
-def test_recorder_sketch_on_cpu_projects_off_the_training_thread(memory_url, tiny_model):
+def test_recorder_sketch_on_cpu_projects_off_the_training_thread(
+    memory_url, tiny_model, projection_beside
+):
     """The training thread only copies; a failed projection is reported at a later step."""
     model = tiny_model()
     threads = set()
@@ -1266,7 +1269,40 @@ def test_recorder_sketch_on_cpu_projects_off_the_training_thread(memory_url, tin
     assert koopkit.open_store(memory_url).run("r2").status == "interrupted"
 
 
-def test_waiting_for_a_slow_cpu_projection_counts_in_waited_s(memory_url, tiny_model):
+@pytest.mark.parametrize("grads", [False, True])
+def test_without_a_free_core_the_step_projects_and_stores_the_same(
+    memory_url, tiny_model, monkeypatch, grads
+):
+    from koopkit.record import recorder
+
+    stored = {}
+    for beside in (True, False):
+        monkeypatch.setattr(recorder, "a_core_is_free", lambda beside=beside: beside)
+        model, run = tiny_model(), f"beside-{beside}"
+        with koopkit.Recorder(memory_url, run, model, sketch=8, grads=grads) as rec:
+            assert (rec._workers["params"].pool is not None) is beside
+            train(model, rec, 5)
+        tree = koopkit.open_run(memory_url, run)
+        series = ("params", "grads") if grads else ("params",)
+        stored[beside] = {s: tree[s].to_dataset()["value"].values for s in series}
+    for series in stored[True]:
+        assert stored[True][series].shape == (6, 8)  # the initial snapshot and 5 steps
+        assert np.abs(stored[True][series][1:]).min() > 0
+        np.testing.assert_array_equal(stored[True][series], stored[False][series])
+
+
+def test_a_core_is_free_only_when_torch_leaves_one(one_torch_thread):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(cores)
+    assert not transfer.a_core_is_free()
+    if cores > 1:
+        torch.set_num_threads(cores - 1)
+        assert transfer.a_core_is_free()
+
+
+def test_waiting_for_a_slow_cpu_projection_counts_in_waited_s(
+    memory_url, tiny_model, projection_beside
+):
     model = tiny_model()
     with koopkit.Recorder(memory_url, "r", model, sketch=8) as rec:
         project = rec._sketcher.project
@@ -1282,7 +1318,7 @@ def test_waiting_for_a_slow_cpu_projection_counts_in_waited_s(memory_url, tiny_m
     assert 0.1 < rec.waited_s < elapsed, (rec.waited_s, elapsed)
 
 
-def test_params_and_grads_sketches_project_independently(memory_url, tiny_model):
+def test_params_and_grads_sketches_project_independently(memory_url, tiny_model, projection_beside):
     """Each series has its own projection input: the grads copy never waits for params'."""
     model = tiny_model()
     release, stepped = threading.Event(), threading.Event()
@@ -1445,7 +1481,9 @@ def test_fused_countsketch_groups_small_tensors_into_one_launch_each(monkeypatch
     assert fused._groups is groups  # a refused layout does not replace the plan
 
 
-def test_failed_open_closes_the_projection_worker(memory_url, tiny_model, monkeypatch):
+def test_failed_open_closes_the_projection_worker(
+    memory_url, tiny_model, projection_beside, monkeypatch
+):
     model = tiny_model()
     with koopkit.Recorder(memory_url, "r", model, sketch=8, probes={"p": torch.zeros(2, 3)}):
         pass
@@ -1491,7 +1529,9 @@ def test_countsketch_caches_its_tables_on_first_use_and_checks_the_size():
         sketch.project([x[:99]], torch.empty(8))
 
 
-def test_close_frees_the_host_buffers_without_the_garbage_collector(memory_url, tiny_model):
+def test_close_frees_the_host_buffers_without_the_garbage_collector(
+    memory_url, tiny_model, projection_beside
+):
     model = tiny_model()
     rec = koopkit.Recorder(memory_url, "r", model, sketch=8).open()
     buffers = [weakref.ref(b) for s in rec._vectors.values() for b in [s.current]]

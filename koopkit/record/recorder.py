@@ -34,6 +34,7 @@ from .transfer import (
     ScalarLog,
     VectorStream,
     WriterThread,
+    a_core_is_free,
     flatten_into,
 )
 
@@ -347,7 +348,9 @@ class Recorder:
         ``model``; ``ids`` and ``labels`` give one number or string per sample.
     sketch : int, optional
         Record a seeded random projection of width ``sketch`` (an int >= 1) instead of the
-        raw parameters; None records them as they are.
+        raw parameters; None records them as they are. On CPU the projection runs on a
+        helper thread when torch's threads leave a core free (``torch.set_num_threads``
+        below the cores this process may use, checked at ``open``), else inside ``step``.
     sketch_method : {"countsketch", "gaussian"}
     seed : int
         Seed of the sketch (an int >= 0).
@@ -785,6 +788,7 @@ class Recorder:
                 }
                 attrs["source_size"] = int(self._size)
             vectors = {layout.PARAMS: self._params, layout.GRADS: self._grads}
+            beside = a_core_is_free()
             for path in [layout.PARAMS, layout.GRADS] if self.grads else [layout.PARAMS]:
                 worker = None
                 if self.sketch is not None and self.device.type == "cpu":  # one input each
@@ -792,6 +796,7 @@ class Recorder:
                         self._size,
                         torch.promote_types(self.dtype, torch.float32),  # round after projecting
                         self._sketcher.project,
+                        beside=beside,
                     )
                 # a CPU row is a new row of a host buffer each time; elsewhere, one staging row
                 flatten = flatten_into if self.device.type == "cpu" else Flattener()

