@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import mmap
+import platform
+import re
 import resource
+import sys
 import threading
 import time
 import weakref
@@ -35,9 +38,17 @@ def faults_writing(buffer: torch.Tensor) -> int:
     return minor_faults() - before
 
 
-needs_populate = pytest.mark.skipif(
-    not pages.populate(torch.empty(1024)), reason="this system cannot populate pages"
-)
+def kernel_populates() -> bool:
+    """Linux 5.14 or later, where MADV_POPULATE_WRITE exists: there populate must work."""
+    version = re.match(r"(\d+)\.(\d+)", platform.release())
+    return (
+        sys.platform.startswith("linux")
+        and version is not None
+        and (tuple(map(int, version.groups())) >= (5, 14))
+    )
+
+
+needs_populate = pytest.mark.skipif(not kernel_populates(), reason="needs Linux 5.14 or later")
 
 
 @needs_populate
@@ -47,6 +58,17 @@ def test_a_populated_buffer_takes_its_page_faults_before_the_writes():
     baseline = faults_writing(untouched)
     assert baseline > SIZE * 4 // 4096 // 2  # the premise: writing fresh pages faults
     assert faults_writing(populated) < baseline // 20
+
+
+@needs_populate
+def test_populate_stops_between_slices_and_refuses_what_it_cannot_fault_in():
+    stop = threading.Event()
+    stop.set()
+    buffer = fresh(SIZE)
+    assert not pages.populate(buffer, stop)
+    assert faults_writing(buffer) > SIZE * 4 // 4096 // 2  # nothing was faulted in
+    assert not pages.populate(fresh(SIZE)[::2])  # not contiguous
+    assert not pages.populate(torch.empty(0))
 
 
 @needs_populate
@@ -104,7 +126,7 @@ def test_without_a_pager_nothing_is_populated():
 def test_close_waits_for_the_pager_and_frees_every_buffer(tmp_path, monkeypatch):
     started = threading.Event()
 
-    def slow_populate(buffer):
+    def slow_populate(buffer, stop):
         started.set()
         time.sleep(0.3)
         return True

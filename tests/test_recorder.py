@@ -1291,6 +1291,25 @@ def test_without_a_free_core_the_step_projects_and_stores_the_same(
         np.testing.assert_array_equal(stored[True][series], stored[False][series])
 
 
+@pytest.mark.parametrize("beside", [True, False])
+def test_a_failed_cpu_projection_fails_the_run_inside_or_beside_the_step(
+    memory_url, tiny_model, monkeypatch, beside
+):
+    from koopkit.record import recorder
+
+    monkeypatch.setattr(recorder, "a_core_is_free", lambda: beside)
+
+    def broken(tensors, out):
+        raise RuntimeError("projection failed")
+
+    model = tiny_model()
+    with pytest.raises(WriteFailedError, match="projection failed"):
+        with koopkit.Recorder(memory_url, "r", model, sketch=8, max_inflight_bytes=256) as rec:
+            rec._workers["params"].project = broken
+            train(model, rec, 50)
+    assert koopkit.open_store(memory_url).run("r").status == "interrupted"
+
+
 def test_a_core_is_free_only_when_torch_leaves_one(one_torch_thread):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cores)

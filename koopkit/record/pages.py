@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -36,26 +37,42 @@ def _find_madvise():
 _madvise = _find_madvise()
 
 
-def populate(buffer: torch.Tensor) -> bool:
+_SLICE = 8 * 2**20  # bytes per call: each holds the process's memory-map lock while it runs
+
+
+def populate(buffer: torch.Tensor, stop=None) -> bool:
     """Fault in the pages of the contiguous host ``buffer`` for writing, leaving its values
-    as they are. False where the system cannot (then nothing happened)."""
-    if _madvise is None or buffer.nbytes == 0:
+    as they are, a slice at a time until ``stop`` (an Event) is set. False where the system
+    cannot (then nothing happened) or when stopped."""
+    if _madvise is None or buffer.device.type != "cpu" or not buffer.is_contiguous():
         return False
     start = buffer.data_ptr()
     first = start - start % mmap.PAGESIZE  # madvise takes whole pages from an aligned start
-    return _madvise(first, start + buffer.nbytes - first, _MADV_POPULATE_WRITE) == 0
+    end = start + buffer.nbytes
+    for low in range(first, end, _SLICE):
+        if stop is not None and stop.is_set():
+            return False
+        if _madvise(low, min(_SLICE, end - low), _MADV_POPULATE_WRITE) != 0:
+            return False
+    return end > start
 
 
 class Pager:
-    """One helper thread that populates buffers in the order given; ``close`` waits for the
-    one it is on (which it holds) and drops the rest, so closing a recorder frees them."""
+    """One helper thread that populates buffers in the order given, best effort; ``close``
+    stops the one it is on (within a slice) and drops the rest, so closing a recorder frees
+    them."""
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="koopkit-pages")
+        self.stop = threading.Event()
 
     def populate(self, buffer: torch.Tensor) -> None:
         if _madvise is not None:
-            self.pool.submit(populate, buffer)
+            try:
+                self.pool.submit(populate, buffer, self.stop)
+            except RuntimeError:  # shut down (the interpreter exiting): faults stay in place
+                pass
 
     def close(self) -> None:
+        self.stop.set()
         self.pool.shutdown(cancel_futures=True)

@@ -238,6 +238,8 @@ def a_core_is_free() -> bool:
 
     A step whose parallel regions use every core waits, region after region, for the core a
     thread beside it takes: there, projecting inside the step costs less than beside it.
+    torch's default is one thread per physical core, so the second hardware thread of each
+    core (SMT) counts as free; CPU quotas (cgroups) are not seen.
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -256,7 +258,7 @@ class ProjectionWorker:
     the input, and the writer waits on ``barrier()`` before writing a buffer. Each series
     has its own worker (params and grads: two inputs the size of the parameters), so one
     copy never waits for another series' projection. Without ``beside``, ``submit``
-    projects at once.
+    projects at once; a failure is reported the same way, through the barrier.
     """
 
     def __init__(self, size: int, dtype: torch.dtype, project, beside: bool = True):
@@ -270,8 +272,11 @@ class ProjectionWorker:
 
     def submit(self, tensors, row) -> None:
         if self.pool is None:
-            self.flatten(self.input, tensors)
-            self.project([self.input], row)
+            try:
+                self.flatten(self.input, tensors)
+                self.project([self.input], row)
+            except Exception as exc:  # reported by the barrier, as from the helper thread
+                self.error = exc
             return
         if not self.input_free.acquire(blocking=False):
             start = time.monotonic()
@@ -293,9 +298,9 @@ class ProjectionWorker:
             self.input_free.release()
 
     def barrier(self):
-        """Something the writer thread can ``synchronize()`` on: every queued row is done
-        (None when rows are projected at once)."""
-        return None if self.pool is None else _Done(self, self.pool.submit(lambda: None))
+        """Something the writer thread can ``synchronize()`` on: every queued row is done,
+        and a failed projection raises."""
+        return _Done(self, None if self.pool is None else self.pool.submit(lambda: None))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -307,7 +312,8 @@ class _Done:
         self.worker, self.future = worker, future
 
     def synchronize(self) -> None:
-        self.future.result()
+        if self.future is not None:
+            self.future.result()
         if self.worker.error is not None:
             raise self.worker.error
 
