@@ -1,8 +1,8 @@
 """Faulting in fresh host buffers on a helper thread, not the training thread.
 
 A host chunk buffer is allocated untouched, so the first copy into each of its rows takes a
-page fault per 4 KiB, on the training thread: on this project's 2-core CPU, filling a 7.6 MB
-row of a fresh buffer took 4 to 5 ms, and about 1 ms once the buffer's pages were in. Linux
+page fault per 4 KiB, on the training thread: for the MLP of ``benchmarks/profile_recorder.py``
+recorded every 10 steps, that was most of the host time ``rec.step`` took (README). Linux
 5.14 and later fault a range in for writing without writing to it (``MADV_POPULATE_WRITE``),
 so a helper thread can do it while the training thread copies into the same buffer: no value
 is touched. Elsewhere (another system, an older kernel) this does nothing, and the faults
