@@ -11,12 +11,14 @@ import torch
 
 import koopkit
 from koopkit.record import sketch as sketch_module
+from koopkit.record.graphed import GraphedFill
 from koopkit.record.sketch import make_sketch
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 
 
 def _model(seed=0):
@@ -46,6 +48,36 @@ def test_recorded_cuda_parameters_equal_the_model_bit_for_bit(tmp_path):
     run = koopkit.open_run(tmp_path / "s.zarr", "cuda/run")
     assert np.array_equal(run["params"]["value"].values, torch.stack(reference).numpy())
     assert run["scalars/loss"]["value"].shape == (40,)
+
+
+@pytest.mark.parametrize("sketch", [None, 16])
+def test_a_loop_on_its_own_stream_keeps_it_and_records_its_values(tmp_path, sketch):
+    """rec.step switches to its side stream and back: the loop's stream is current after
+    each step, and the rows are those its work on that stream produced."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # noqa: E731
+    loop, reference = torch.cuda.Stream(), []
+    loop.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(loop):
+        with koopkit.Recorder(tmp_path / "s.zarr", "r", model, every=1, sketch=sketch) as rec:
+            reference.append(flat().clone())
+            for _ in range(20):
+                model(torch.randn(16, 32, device="cuda")).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                rec.step()
+                assert torch.cuda.current_stream() == loop
+                reference.append(flat().clone())
+        loop.synchronize()
+    stored = koopkit.open_run(tmp_path / "s.zarr", "r")["params"]["value"].values
+    expected = torch.stack(reference).cpu()
+    if sketch is not None:
+        cpu = make_sketch("countsketch", sketch, expected.shape[1], 0, "cpu")
+        expected = torch.stack([cpu.project([row], torch.empty(sketch)) for row in expected])
+        np.testing.assert_allclose(stored, expected.numpy(), rtol=1e-5, atol=1e-6)
+    else:
+        assert np.array_equal(stored, expected.numpy())
 
 
 def test_step_never_synchronises_the_host(tmp_path):
@@ -83,7 +115,7 @@ def test_cuda_countsketch_equals_the_cpu_sketch():
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+@needs_triton
 @pytest.mark.parametrize("k", [8192, 1000, 7])
 @pytest.mark.parametrize("group", [1 << 26, 5000])
 def test_fused_countsketch_kernel_equals_the_torch_reference(k, group, monkeypatch):
@@ -107,6 +139,35 @@ def test_fused_countsketch_kernel_equals_the_torch_reference(k, group, monkeypat
         [t.cuda().double() for t in tensors], torch.zeros(k, device="cuda").double()
     )
     torch.testing.assert_close(wide.cpu(), reference, rtol=1e-10, atol=1e-10)
+
+
+@needs_triton
+def test_a_replayed_sketch_equals_the_sketch_of_the_values_now(monkeypatch):
+    """The graph reads the tensors' memory at each replay, not the values it was captured
+    with; a tensor moved elsewhere is sketched where it is now, and the graph dropped."""
+    monkeypatch.setattr(sketch_module, "_GROUP", 5000)  # groups: the copy into the buffer too
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tensors = [torch.randn(s, device="cuda", generator=g) for s in [(37,), (70, 70), (9000,)]]
+    n = sum(t.numel() for t in tensors)
+    sketch = make_sketch("countsketch", 256, n, 5, "cuda")
+    graphed, out = GraphedFill(sketch.project), torch.empty(256, device="cuda")
+
+    def check():
+        expected = sketch.project(tensors, torch.empty(256, device="cuda"))
+        torch.testing.assert_close(graphed(tensors, out).clone(), expected, rtol=0, atol=1e-5)
+
+    for _ in range(2):
+        check()
+    assert graphed.graph is not None and not graphed.broken
+    for _ in range(3):
+        for t in tensors:
+            t.mul_(-1.5).add_(0.25)
+        check()  # replayed
+    graph, tensors[1] = graphed.graph, tensors[1] + 1  # a new tensor at another address
+    check()
+    assert graphed.graph is None
+    check()
+    assert graphed.graph is not None and graphed.graph is not graph
 
 
 def test_gpu_dmd_matches_cpu():

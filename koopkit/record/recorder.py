@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ..store import layout
 from ..store.writer import RunWriter, SeriesSpec
+from .graphed import GraphedFill
 from .pages import Pager
 from .schedule import make_schedule
 from .sketch import METHODS, check_sketch, make_sketch
@@ -800,8 +801,17 @@ class Recorder:
                     )
                 # a CPU row is a new row of a host buffer each time; elsewhere, one staging row
                 flatten = flatten_into if self.device.type == "cpu" else Flattener()
+                project = None
+                if self.sketch is not None:
+                    project = self._sketcher.project
+                    if self.device.type == "cuda" and self._sketcher.graphable:
+                        project = GraphedFill(project)  # one graph per series' tensors
                 fill = functools.partial(
-                    self._fill, tensors=vectors[path], worker=worker, flatten=flatten
+                    self._fill,
+                    tensors=vectors[path],
+                    worker=worker,
+                    flatten=flatten,
+                    project=project,
                 )
                 self._add_vector(path, (width,), ("param",), attrs, fill, worker=worker)
         for plan in self._probe_plans:
@@ -937,10 +947,10 @@ class Recorder:
                 stacklevel=4,
             )
 
-    def _fill(self, row, tensors, worker, flatten):
+    def _fill(self, row, tensors, worker, flatten, project):
         if worker is not None:
             worker.submit(tensors(), row)
-        elif self.sketch:
-            self._sketcher.project(tensors(), row)
+        elif project is not None:
+            project(tensors(), row)
         else:
             flatten(row, tensors())

@@ -98,6 +98,9 @@ class CountSketch:
         self.tile_offsets = torch.remainder(_shift(_mix(tiles, 2 * self.seed + 1), 1), self.dim)
         self.tile_keys = _mix(tiles, 2 * self.seed + 2) & _MASK32
         self._fused = _fused_kernel(self.device)
+        # the fused path launches the same kernels for the same addresses: a CUDA graph
+        # can replay it (``koopkit.record.graphed``)
+        self.graphable = self._fused is not None
         self._buffer = None  # where the fused path concatenates small tensors
         self._shapes, self._groups = None, []  # the fused path's runs, planned per layout
         self._tables = None  # per-coordinate buckets and signs, made on first use
@@ -207,6 +210,7 @@ class GaussianSketch:
     method = "gaussian"
     hash = "cpu-randn-blocks"  # recorded with the sketch: how G is drawn from the seed
     block = 1 << 16
+    graphable = False  # draws G on the host at every call
 
     def __init__(self, dim: int, size: int, seed: int = 0, device="cpu"):
         self.dim, self.size, self.seed = int(dim), int(size), int(seed)

@@ -168,10 +168,8 @@ class VectorStream:
             main.wait_event(self.staging_free)  # the previous copy out of staging is done
             fill(self.staging)
             self.filled.record(main)
-            with torch.cuda.stream(self.side):
-                self.side.wait_event(self.filled)
-                row.copy_(self.staging, non_blocking=True)
-                self.staging_free.record(self.side)
+            self.side.wait_event(self.filled)
+            self._copy_on_side(row, main)
         elif self.device.type == "cpu":
             fill(row)
         else:  # MPS and other devices: a synchronous copy, correct if not overlapped
@@ -183,6 +181,25 @@ class VectorStream:
         # hand off where a chunk row of the store ends, even after a partial hand-off
         if len(self.steps) == self.chunk_steps - self.position % self.chunk_steps:
             self.hand_off()
+
+    def _copy_on_side(self, row, main) -> None:
+        """Copy the staging row into the host ``row`` on the side stream.
+
+        ``set_stream`` there and back rather than ``torch.cuda.stream``, which queries the
+        current streams again: on an H100 machine's host, 1.5 us against 10 us. Only where
+        the recorder's device is the current one, as ``set_stream`` also selects the
+        stream's device.
+        """
+        if torch.cuda.current_device() != self.device.index:
+            with torch.cuda.stream(self.side):
+                row.copy_(self.staging, non_blocking=True)
+        else:
+            torch.cuda.set_stream(self.side)
+            try:
+                row.copy_(self.staging, non_blocking=True)
+            finally:
+                torch.cuda.set_stream(main)
+        self.staging_free.record(self.side)
 
     def flush_if_older(self, cutoff: float) -> None:
         """Hand off a partial buffer whose first row was captured before ``cutoff``."""

@@ -1,0 +1,78 @@
+"""When a GraphedFill captures, replays and runs the fill itself (the CUDA replay itself is
+checked in tests/test_cuda.py; here a stand-in graph records what would be replayed)."""
+
+from __future__ import annotations
+
+import torch
+
+from koopkit.record.graphed import GraphedFill
+
+
+class StandInGraph:
+    def __init__(self, fill, tensors, out):
+        self.fill, self.tensors, self.out, self.replays = fill, tensors, out, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fill(self.tensors, self.out)  # a graph reads what it was captured with
+
+
+def graphed_sum(monkeypatch, broken=False):
+    calls = []
+
+    def fill(tensors, out):
+        calls.append([t.data_ptr() for t in tensors])
+        out.copy_(sum(t.sum() for t in tensors))
+        return out
+
+    def capture(self, tensors, out):
+        if broken:
+            self.broken = True
+            return None
+        return StandInGraph(self.fill, list(tensors), out)
+
+    monkeypatch.setattr(GraphedFill, "_capture", capture)
+    return GraphedFill(fill), calls
+
+
+def test_captured_on_the_second_call_at_the_same_addresses_and_replayed_after(monkeypatch):
+    graphed, calls = graphed_sum(monkeypatch)
+    a, b, out = torch.ones(3), torch.ones(2, 2), torch.zeros(())
+    assert graphed([a, b], out) == 7 and graphed.graph is None
+    graphed([a, b], out)
+    graph = graphed.graph
+    assert graph is not None and graph.replays == 1
+    a.mul_(2)  # in place: the addresses hold
+    assert graphed([a, b], out) == 10
+    assert graphed.graph is graph and graph.replays == 2
+
+
+def test_a_moved_source_or_destination_runs_the_fill_and_drops_the_graph(monkeypatch):
+    graphed, _ = graphed_sum(monkeypatch)
+    a, b, out = torch.ones(3), torch.ones(2), torch.zeros(())
+    graphed([a, b], out)
+    graphed([a, b], out)
+    moved = torch.full((2,), 5.0)  # another tensor, at another address
+    assert graphed([a, moved], out) == 13 and graphed.graph is None
+    other = torch.zeros(())
+    assert graphed([a, moved], other) == 13 and graphed.graph is None
+    graphed([a, moved], other)
+    assert graphed.graph.replays == 1  # captured again once the addresses held twice
+
+
+def test_the_same_address_with_another_shape_stride_or_dtype_is_a_move(monkeypatch):
+    graphed, _ = graphed_sum(monkeypatch)
+    base, out = torch.arange(6.0), torch.zeros(())
+    for view in (base, base[:4], base.view(2, 3), base.view(3, 2).t(), base.view(torch.int32)):
+        graphed([view], out)
+        assert graphed.graph is None, view.shape
+    graphed([base.view(torch.int32)], out)
+    assert graphed.graph is not None
+
+
+def test_a_failed_capture_leaves_the_fill_to_run_as_it_is(monkeypatch):
+    graphed, calls = graphed_sum(monkeypatch, broken=True)
+    a, out = torch.ones(3), torch.zeros(())
+    for _ in range(4):
+        assert graphed([a], out) == 3
+    assert graphed.graph is None and graphed.broken and len(calls) == 4
