@@ -118,6 +118,9 @@ def test_cuda_recorder_script_refuses_without_cuda_and_profile_runs_on_cpu(tmp_p
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1 and "no CUDA device" in proc.stderr
+    command = [sys.executable, str(RUN_ALL.parent / "profile_cuda_calls.py"), "--steps", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "no CUDA device" in proc.stderr
 
     profile = RUN_ALL.parent / "profile_recorder.py"
     command = [sys.executable, str(profile), "--device", "cpu", "--steps", "2"]
