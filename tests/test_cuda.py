@@ -158,7 +158,7 @@ def test_a_replayed_sketch_equals_the_sketch_of_the_values_now(monkeypatch):
 
     for _ in range(2):
         check()
-    assert graphed.graph is not None and not graphed.broken
+    assert graphed.graph is not None and not graphed.eager
     for _ in range(3):
         for t in tensors:
             t.mul_(-1.5).add_(0.25)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from koopkit.record import graphed as graphed_module
 from koopkit.record.graphed import GraphedFill
 
 
@@ -25,13 +26,12 @@ def graphed_sum(monkeypatch, broken=False):
         out.copy_(sum(t.sum() for t in tensors))
         return out
 
-    def capture(self, tensors, out):
+    def record(self, tensors, out):
         if broken:
-            self.broken = True
-            return None
+            raise RuntimeError("operation not permitted when stream is capturing")
         return StandInGraph(self.fill, list(tensors), out)
 
-    monkeypatch.setattr(GraphedFill, "_capture", capture)
+    monkeypatch.setattr(GraphedFill, "_record", record)
     return GraphedFill(fill), calls
 
 
@@ -75,4 +75,13 @@ def test_a_failed_capture_leaves_the_fill_to_run_as_it_is(monkeypatch):
     a, out = torch.ones(3), torch.zeros(())
     for _ in range(4):
         assert graphed([a], out) == 3
-    assert graphed.graph is None and graphed.broken and len(calls) == 4
+    assert graphed.graph is None and graphed.eager and len(calls) == 4
+
+
+def test_addresses_that_keep_moving_after_captures_stop_the_capturing(monkeypatch):
+    graphed, calls = graphed_sum(monkeypatch)
+    out, pair = torch.zeros(()), [torch.ones(3), torch.ones(3)]
+    for i in range(2 * graphed_module.MAX_CAPTURES + 6):
+        graphed([pair[i // 2 % 2]], out)  # two calls at each address, then the other
+    assert graphed.captures == graphed_module.MAX_CAPTURES + 1 and graphed.eager
+    assert graphed([pair[0]], out) == 3 and graphed.graph is None

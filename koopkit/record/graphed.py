@@ -8,12 +8,15 @@ same kernels is one launch.
 A graph reads and writes the addresses it was captured with. So it is replayed only while
 every source and the destination sit at those addresses with the same shape, strides and
 dtype. It is captured once they have held for two calls in a row. Otherwise the fill runs
-as before, for example for gradients set to None and allocated anew at each step.
+as before, for example for gradients set to None and allocated anew at each step. Where
+the addresses keep moving after captures (each costs more than a fill), capturing stops.
 """
 
 from __future__ import annotations
 
 import torch
+
+MAX_CAPTURES = 16  # past this many, the addresses move too often for a graph to pay
 
 
 def _addresses(tensors, out) -> list:
@@ -32,11 +35,12 @@ class GraphedFill:
         self.fill = fill
         self.addresses = None  # of the last call
         self.graph = None  # captured at ``addresses``
-        self.broken = False  # capture failed once: the fill runs as it is from then on
+        self.captures = 0
+        self.eager = False  # a capture failed, or too many were made: no more graphs
         self._stream = None  # where graphs are captured (never the legacy default stream)
 
     def __call__(self, tensors, out: torch.Tensor) -> torch.Tensor:
-        if self.broken:
+        if self.eager:
             return self.fill(tensors, out)
         addresses = _addresses(tensors, out)
         if addresses != self.addresses:
@@ -50,22 +54,28 @@ class GraphedFill:
         return out
 
     def _capture(self, tensors, out):
-        """A graph of ``fill(tensors, out)``, or None (and broken) where capture fails.
+        """A graph of ``fill(tensors, out)``, or None (and eager from then on) where the
+        capture fails or MAX_CAPTURES were made."""
+        self.captures += 1
+        if self.captures <= MAX_CAPTURES:
+            try:
+                return self._record(tensors, out)
+            except RuntimeError:
+                pass
+        self.eager = True
+        return None
 
-        "thread_local" capture, so the writer thread may wait on its events meanwhile.
-        """
+    def _record(self, tensors, out):
+        """Capture ``fill(tensors, out)`` into a new CUDA graph, "thread_local", so the
+        writer thread may wait on its events meanwhile."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=out.device)
         graph = torch.cuda.CUDAGraph()
         self._stream.wait_stream(torch.cuda.current_stream(out.device))
-        try:
-            with torch.cuda.stream(self._stream):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    self.fill(tensors, out)
-                finally:
-                    graph.capture_end()
-        except RuntimeError:
-            self.broken = True
-            return None
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.fill(tensors, out)
+            finally:
+                graph.capture_end()
         return graph
