@@ -69,6 +69,9 @@ def test_a_loop_on_its_own_stream_keeps_it_and_records_its_values(tmp_path, sket
                 rec.step()
                 assert torch.cuda.current_stream() == loop
                 reference.append(flat().clone())
+            project = rec._fillers["params"].keywords["project"]
+            if isinstance(project, GraphedFill):  # the sketch was replayed on the loop's stream
+                assert project.graph is not None and project.replays > 10
         loop.synchronize()
     stored = koopkit.open_run(tmp_path / "s.zarr", "r")["params"]["value"].values
     expected = torch.stack(reference).cpu()
@@ -168,6 +171,21 @@ def test_a_replayed_sketch_equals_the_sketch_of_the_values_now(monkeypatch):
     assert graphed.graph is None
     check()
     assert graphed.graph is not None and graphed.graph is not graph
+
+
+@needs_triton
+def test_only_the_fused_sketch_is_replayed_from_a_graph(tmp_path):
+    """Not the torch path (float64), whose temporaries a graph's pool would keep, nor the
+    Gaussian sketch, drawn on the host."""
+    sketch = make_sketch("countsketch", 64, 1000, 0, "cuda")
+    assert sketch.graphable(torch.float32) and sketch.graphable(torch.bfloat16)
+    assert not sketch.graphable(torch.float64)
+    assert not make_sketch("gaussian", 64, 1000, 0, "cuda").graphable(torch.float32)
+    for dtype, graphed in (("float32", True), ("float16", True), ("float64", False)):
+        store = tmp_path / f"{dtype}.zarr"
+        with koopkit.Recorder(store, "r", _model(), sketch=16, dtype=dtype) as rec:
+            project = rec._fillers["params"].keywords["project"]
+            assert isinstance(project, GraphedFill) is graphed, dtype
 
 
 def test_gpu_dmd_matches_cpu():

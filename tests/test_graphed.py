@@ -3,6 +3,7 @@ checked in tests/test_cuda.py; here a stand-in graph records what would be repla
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from koopkit.record import graphed as graphed_module
@@ -31,7 +32,7 @@ def graphed_sum(monkeypatch, broken=False):
             raise RuntimeError("operation not permitted when stream is capturing")
         return StandInGraph(self.fill, list(tensors), out)
 
-    monkeypatch.setattr(GraphedFill, "_record", record)
+    monkeypatch.setattr(GraphedFill, "_capture", record)
     return GraphedFill(fill), calls
 
 
@@ -70,18 +71,32 @@ def test_the_same_address_with_another_shape_stride_or_dtype_is_a_move(monkeypat
     assert graphed.graph is not None
 
 
-def test_a_failed_capture_leaves_the_fill_to_run_as_it_is(monkeypatch):
+def test_a_failed_capture_raises_and_keeps_no_graph(monkeypatch):
     graphed, calls = graphed_sum(monkeypatch, broken=True)
     a, out = torch.ones(3), torch.zeros(())
-    for _ in range(4):
-        assert graphed([a], out) == 3
-    assert graphed.graph is None and graphed.eager and len(calls) == 4
+    graphed([a], out)
+    with pytest.raises(RuntimeError, match="capturing"):
+        graphed([a], out)
+    assert graphed.graph is None and len(calls) == 1
 
 
-def test_addresses_that_keep_moving_after_captures_stop_the_capturing(monkeypatch):
+def test_graphs_dropped_before_they_pay_stop_the_capturing(monkeypatch):
     graphed, calls = graphed_sum(monkeypatch)
     out, pair = torch.zeros(()), [torch.ones(3), torch.ones(3)]
-    for i in range(2 * graphed_module.MAX_CAPTURES + 6):
+    for i in range(2 * graphed_module.MAX_WASTED + 1):
         graphed([pair[i // 2 % 2]], out)  # two calls at each address, then the other
-    assert graphed.captures == graphed_module.MAX_CAPTURES + 1 and graphed.eager
-    assert graphed([pair[0]], out) == 3 and graphed.graph is None
+    assert graphed.wasted == graphed_module.MAX_WASTED and graphed.eager
+    before = len(calls)
+    for _ in range(3):
+        assert graphed([pair[0]], out) == 3 and graphed.graph is None
+    assert len(calls) == before + 3  # the fill itself, every time
+
+
+def test_graphs_that_paid_for_their_capture_do_not_count(monkeypatch):
+    graphed, _ = graphed_sum(monkeypatch)
+    out, pair = torch.zeros(()), [torch.ones(3), torch.ones(3)]
+    for i in range(graphed_module.MAX_WASTED + 2):  # moves, each after a paying graph
+        for _ in range(graphed_module.PAYS_AFTER + 1):
+            graphed([pair[i % 2]], out)
+        assert graphed.graph.replays == graphed_module.PAYS_AFTER
+    assert graphed.wasted == 0 and not graphed.eager

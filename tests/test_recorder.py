@@ -1802,7 +1802,7 @@ def test_cuda_sketches_every_step_equal_the_sketches_of_each_step(
             rec.step()
             opt.zero_grad(set_to_none=grads_to_none)
         graphs = {path: rec._fillers[path].keywords["project"] for path in ("params", "grads")}
-        if rec._sketcher.graphable:
+        if rec._sketcher.graphable(torch.float32):
             assert graphs["params"].graph is not None  # the replay is what was checked
     cpu = sk.make_sketch("countsketch", 8, n, 2, "cpu")
     store = koopkit.open_store(memory_url)

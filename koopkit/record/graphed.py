@@ -9,14 +9,16 @@ A graph reads and writes the addresses it was captured with. So it is replayed o
 every source and the destination sit at those addresses with the same shape, strides and
 dtype. It is captured once they have held for two calls in a row. Otherwise the fill runs
 as before, for example for gradients set to None and allocated anew at each step. Where
-the addresses keep moving after captures (each costs more than a fill), capturing stops.
+graphs keep being dropped soon after their capture (each capture costs more than a fill),
+capturing stops.
 """
 
 from __future__ import annotations
 
 import torch
 
-MAX_CAPTURES = 16  # past this many, the addresses move too often for a graph to pay
+PAYS_AFTER = 16  # replays after which a graph has paid for its capture
+MAX_WASTED = 8  # graphs dropped before paying, after which the fill always runs as it is
 
 
 def _addresses(tensors, out) -> list:
@@ -27,16 +29,19 @@ class GraphedFill:
     """``fill(tensors, out)`` replayed from a CUDA graph when the addresses repeat.
 
     ``fill`` must launch the same kernels for the same addresses and make no host
-    synchronisation, as the fused CountSketch does. Calls come from one thread; the graph
-    is replayed on the current stream, in order with the work around it.
+    synchronisation, as the fused CountSketch does. A capture that fails raises: torch's
+    caching allocator can be left holding memory after one, so it is not hidden. Calls come
+    from one thread; the graph is replayed on the current stream, in order with the work
+    around it.
     """
 
     def __init__(self, fill):
         self.fill = fill
         self.addresses = None  # of the last call
         self.graph = None  # captured at ``addresses``
-        self.captures = 0
-        self.eager = False  # a capture failed, or too many were made: no more graphs
+        self.replays = 0  # of ``graph``
+        self.wasted = 0  # graphs dropped before PAYS_AFTER replays
+        self.eager = False  # MAX_WASTED were: no more graphs
         self._stream = None  # where graphs are captured (never the legacy default stream)
 
     def __call__(self, tensors, out: torch.Tensor) -> torch.Tensor:
@@ -44,28 +49,22 @@ class GraphedFill:
             return self.fill(tensors, out)
         addresses = _addresses(tensors, out)
         if addresses != self.addresses:
-            self.addresses, self.graph = addresses, None
+            self._drop()
+            self.addresses = addresses
             return self.fill(tensors, out)
         if self.graph is None:
             self.graph = self._capture(tensors, out)
-            if self.graph is None:
-                return self.fill(tensors, out)
         self.graph.replay()
+        self.replays += 1
         return out
 
-    def _capture(self, tensors, out):
-        """A graph of ``fill(tensors, out)``, or None (and eager from then on) where the
-        capture fails or MAX_CAPTURES were made."""
-        self.captures += 1
-        if self.captures <= MAX_CAPTURES:
-            try:
-                return self._record(tensors, out)
-            except RuntimeError:
-                pass
-        self.eager = True
-        return None
+    def _drop(self) -> None:
+        if self.graph is not None and self.replays < PAYS_AFTER:
+            self.wasted += 1
+            self.eager = self.wasted >= MAX_WASTED
+        self.graph, self.replays = None, 0
 
-    def _record(self, tensors, out):
+    def _capture(self, tensors, out):
         """Capture ``fill(tensors, out)`` into a new CUDA graph, "thread_local", so the
         writer thread may wait on its events meanwhile."""
         if self._stream is None:

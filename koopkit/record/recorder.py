@@ -804,7 +804,7 @@ class Recorder:
                 project = None
                 if self.sketch is not None:
                     project = self._sketcher.project
-                    if self.device.type == "cuda" and self._sketcher.graphable:
+                    if self.device.type == "cuda" and self._sketcher.graphable(self.dtype):
                         project = GraphedFill(project)  # one graph per series' tensors
                 fill = functools.partial(
                     self._fill,

@@ -98,9 +98,6 @@ class CountSketch:
         self.tile_offsets = torch.remainder(_shift(_mix(tiles, 2 * self.seed + 1), 1), self.dim)
         self.tile_keys = _mix(tiles, 2 * self.seed + 2) & _MASK32
         self._fused = _fused_kernel(self.device)
-        # the fused path launches the same kernels for the same addresses: a CUDA graph
-        # can replay it (``koopkit.record.graphed``)
-        self.graphable = self._fused is not None
         self._buffer = None  # where the fused path concatenates small tensors
         self._shapes, self._groups = None, []  # the fused path's runs, planned per layout
         self._tables = None  # per-coordinate buckets and signs, made on first use
@@ -113,6 +110,16 @@ class CountSketch:
         buckets = torch.remainder(lane + self.tile_offsets[tile], self.dim)
         bits = _lowbias32((lane + self.tile_keys[tile]) & _MASK32) >> 31
         return buckets, bits.to(torch.float32).mul_(-2).add_(1)
+
+    def graphable(self, dtype: torch.dtype) -> bool:
+        """Whether projecting into an ``out`` of ``dtype`` runs the fused kernel, whose
+        fixed sequence of kernels a CUDA graph can replay (``koopkit.record.graphed``).
+
+        Not the torch path: captured, its temporaries (hundreds of MB) would stay reserved
+        in the graph's memory pool. A float16 or bfloat16 ``out``'s float32 temporary is
+        k values.
+        """
+        return self._fused is not None and dtype in (torch.float32, torch.float16, torch.bfloat16)
 
     @torch.no_grad()  # rather than a detach per tensor, as in flatten_into
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
@@ -210,11 +217,14 @@ class GaussianSketch:
     method = "gaussian"
     hash = "cpu-randn-blocks"  # recorded with the sketch: how G is drawn from the seed
     block = 1 << 16
-    graphable = False  # draws G on the host at every call
 
     def __init__(self, dim: int, size: int, seed: int = 0, device="cpu"):
         self.dim, self.size, self.seed = int(dim), int(size), int(seed)
         self.device = torch.device(device)
+
+    def graphable(self, dtype: torch.dtype) -> bool:
+        """Never: G is drawn on the host at every call, which a CUDA graph cannot replay."""
+        return False
 
     def matrix_block(self, j: int, width: int) -> torch.Tensor:
         """Block j of G, drawn on the CPU so the seed alone determines it on every device."""
