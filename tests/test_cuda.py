@@ -83,6 +83,73 @@ def test_a_loop_on_its_own_stream_keeps_it_and_records_its_values(tmp_path, sket
         assert np.array_equal(stored, expected.numpy())
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_loop_that_switches_streams_gets_the_sketches_of_each_step(tmp_path, dtype):
+    """Params and grads share the sketch's group buffer: a fill on the new stream waits
+    for the other series' last fill on the old one. Both series are replayed from graphs."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    flat = lambda grads: torch.cat(  # noqa: E731
+        [(p.grad if grads else p).detach().reshape(-1) for p in model.parameters()]
+    )
+    streams, params, grads = [torch.cuda.Stream(), torch.cuda.Stream()], [], []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    with koopkit.Recorder(
+        tmp_path / "s.zarr", "r", model, sketch=16, grads=True, initial=False, dtype=dtype
+    ) as rec:
+        for i in range(24):
+            stream = streams[i % 2]
+            stream.wait_stream(streams[(i + 1) % 2])  # the loop's own work stays in order
+            with torch.cuda.stream(stream):
+                model(torch.randn(16, 32, device="cuda")).square().mean().backward()
+                opt.step()
+                rec.step()
+                params.append(flat(False).clone())
+                grads.append(flat(True).clone())
+                opt.zero_grad(set_to_none=False)
+        for path in ("params", "grads"):
+            project = rec._fillers[path].keywords["project"]
+            assert isinstance(project, GraphedFill) and project.replays > 10, path
+        torch.cuda.synchronize()
+    run = koopkit.open_run(tmp_path / "s.zarr", "r")
+    cpu = make_sketch("countsketch", 16, params[0].numel(), 0, "cpu")
+    tolerance = {"float32": 1e-5, "float16": 2e-3}[dtype]
+    for path, rows in (("params", params), ("grads", grads)):
+        expected = torch.stack([cpu.project([row.cpu()], torch.empty(16)) for row in rows])
+        stored = run[path]["value"].values.astype(np.float32)
+        np.testing.assert_allclose(stored, expected.numpy(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("sketch", [None, 16])
+def test_a_model_on_a_device_that_is_not_the_current_one(tmp_path, sketch):
+    """Events, copies and Triton launches go to the model's device, not the current one."""
+    torch.cuda.set_device(0)
+    model = _model().to("cuda:1")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()  # noqa: E731
+    losses, reference = [], []
+    with koopkit.Recorder(tmp_path / "s.zarr", "r", model, sketch=sketch) as rec:
+        reference.append(flat())
+        for _ in range(12):
+            loss = model(torch.randn(16, 32, device="cuda:1")).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step(loss=loss)
+            losses.append(loss.item())
+            reference.append(flat())
+    run = koopkit.open_run(tmp_path / "s.zarr", "r")
+    expected = torch.stack(reference)
+    if sketch is not None:
+        cpu = make_sketch("countsketch", sketch, expected.shape[1], 0, "cpu")
+        expected = torch.stack([cpu.project([row], torch.empty(sketch)) for row in expected])
+    np.testing.assert_allclose(run["params"]["value"].values, expected.numpy(), atol=1e-5)
+    assert np.array_equal(run["scalars/loss"]["value"].values, np.float32(losses))
+
+
 def test_step_never_synchronises_the_host(tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

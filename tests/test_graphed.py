@@ -3,6 +3,8 @@ checked in tests/test_cuda.py; here a stand-in graph records what would be repla
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -71,13 +73,67 @@ def test_the_same_address_with_another_shape_stride_or_dtype_is_a_move(monkeypat
     assert graphed.graph is not None
 
 
-def test_a_failed_capture_raises_and_keeps_no_graph(monkeypatch):
+def test_a_failed_capture_raises_keeps_no_graph_and_is_not_tried_again(monkeypatch):
     graphed, calls = graphed_sum(monkeypatch, broken=True)
     a, out = torch.ones(3), torch.zeros(())
     graphed([a], out)
     with pytest.raises(RuntimeError, match="capturing"):
         graphed([a], out)
     assert graphed.graph is None and len(calls) == 1
+    for _ in range(3):  # the stand-in would raise again if asked to capture
+        assert graphed([a], out) == 3
+    assert graphed.eager and graphed.graph is None and len(calls) == 4
+
+
+def test_tensors_that_are_not_capturable_run_the_fill_from_then_on(monkeypatch):
+    graphed, calls = graphed_sum(monkeypatch)
+    graphed.capturable = lambda tensors: tensors[0].is_contiguous()
+    a, out = torch.ones(2, 3).t(), torch.zeros(())
+    for _ in range(3):
+        assert graphed([a], out) == 6
+    assert graphed.eager and graphed.graph is None and len(calls) == 3
+
+
+class FakeCapture:
+    """torch.cuda's capture calls, recorded; ``capture_end`` fails as CUDA's does after a
+    failed fill ("operation failed due to a previous error during capture")."""
+
+    def __init__(self, log):
+        self.log, self.failed = log, False
+
+    def capture_begin(self, capture_error_mode):
+        self.log.append(("begin", capture_error_mode))
+
+    def capture_end(self):
+        self.log.append("end")
+        if self.failed:
+            raise RuntimeError("capture invalidated")
+
+
+def test_a_fill_that_fails_during_capture_raises_its_own_error(monkeypatch):
+    """And the capture is ended either way, so the stream is not left capturing."""
+    log = []
+    graph = FakeCapture(log)
+
+    def fill(tensors, out):
+        graph.failed = True
+        raise ValueError("the fill's own error")
+
+    class Side:
+        def __init__(self, device):
+            pass
+
+        def wait_stream(self, stream):
+            log.append(("side waits for", stream))
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: "main")
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    graphed = GraphedFill(fill)
+    with pytest.raises(ValueError, match="own error"):
+        graphed._capture([torch.ones(2)], torch.zeros(()))
+    assert log == [("side waits for", "main"), ("begin", "thread_local"), "end"]
 
 
 def test_graphs_dropped_before_they_pay_stop_the_capturing(monkeypatch):

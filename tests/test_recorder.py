@@ -1500,6 +1500,39 @@ def test_fused_countsketch_groups_small_tensors_into_one_launch_each(monkeypatch
     assert fused._groups is groups  # a refused layout does not replace the plan
 
 
+def test_countsketch_graphs_only_tensors_it_sketches_without_a_copy(monkeypatch):
+    """A tensor sketched on its own is flattened in place if contiguous, into a temporary
+    (which a CUDA graph's pool would keep) if not; small ones are copied into the buffer."""
+    monkeypatch.setattr(sk, "_GROUP", 8)
+    sketch = sk.CountSketch(4, 40, seed=0)
+    small, large = torch.zeros(2, 3), torch.zeros(4, 8)
+    assert sketch.capturable([small.t(), large])
+    assert not sketch.capturable([small, large.t()])
+
+
+def test_a_new_cuda_stream_waits_for_every_series_last_fill(monkeypatch):
+    """Checked on a CPU with stand-in streams: the sketch's group buffer is shared by the
+    params and grads fills, so a loop that changes streams orders them across the change."""
+    from types import SimpleNamespace
+
+    waits, current = [], [None]
+
+    class Stream:
+        def __init__(self, handle):
+            self.cuda_stream = handle
+
+        def wait_event(self, event):
+            waits.append((self.cuda_stream, event))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: current[0])
+    series = {"params": SimpleNamespace(filled="p"), "grads": SimpleNamespace(filled="g")}
+    rec = SimpleNamespace(device="cuda:0", _vectors=series, _fill_stream=None)
+    for handle in (1, 1, 2, 2, 1):
+        current[0] = Stream(handle)
+        koopkit.Recorder._follow_stream(rec)
+    assert waits == [(1, "p"), (1, "g"), (2, "p"), (2, "g"), (1, "p"), (1, "g")]
+
+
 def test_failed_open_closes_the_projection_worker(
     memory_url, tiny_model, projection_beside, monkeypatch
 ):

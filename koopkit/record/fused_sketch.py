@@ -78,16 +78,17 @@ def accumulate(flat, offset, out, tile_offsets, tile_keys) -> None:
     per_program = min(MAX_TILES, triton.next_power_of_2(tiles))
     block = min(MAX_BLOCK, max(16, triton.next_power_of_2(dim)))
     grid = (triton.cdiv(tiles, per_program), triton.cdiv(dim, block))
-    _countsketch_kernel[grid](
-        flat.contiguous(),
-        out,
-        tile_offsets,
-        tile_keys,
-        offset,
-        numel,
-        dim,
-        first_tile,
-        last_tile,
-        TILES=per_program,
-        BLOCK=block,
-    )
+    with torch.cuda.device(out.device):  # Triton launches on the current device
+        _countsketch_kernel[grid](
+            flat.contiguous(),
+            out,
+            tile_offsets,
+            tile_keys,
+            offset,
+            numel,
+            dim,
+            first_tile,
+            last_tile,
+            TILES=per_program,
+            BLOCK=block,
+        )

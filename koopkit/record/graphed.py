@@ -29,14 +29,17 @@ class GraphedFill:
     """``fill(tensors, out)`` replayed from a CUDA graph when the addresses repeat.
 
     ``fill`` must launch the same kernels for the same addresses and make no host
-    synchronisation, as the fused CountSketch does. A capture that fails raises: torch's
-    caching allocator can be left holding memory after one, so it is not hidden. Calls come
-    from one thread; the graph is replayed on the current stream, in order with the work
-    around it.
+    synchronisation, as the fused CountSketch does. ``capturable(tensors)`` says whether a
+    capture of the fill would keep no large temporary in the graph's memory pool; where it
+    does not hold, the fill runs as it is from then on. A capture that fails raises (torch's
+    caching allocator can be left holding memory after one, so it is not hidden) and is
+    never tried again. Calls come from one thread; the graph is replayed on the current
+    stream, in order with the work around it.
     """
 
-    def __init__(self, fill):
+    def __init__(self, fill, capturable=lambda tensors: True):
         self.fill = fill
+        self.capturable = capturable
         self.addresses = None  # of the last call
         self.graph = None  # captured at ``addresses``
         self.replays = 0  # of ``graph``
@@ -53,7 +56,14 @@ class GraphedFill:
             self.addresses = addresses
             return self.fill(tensors, out)
         if self.graph is None:
-            self.graph = self._capture(tensors, out)
+            if not self.capturable(tensors):
+                self.eager = True
+                return self.fill(tensors, out)
+            try:
+                self.graph = self._capture(tensors, out)
+            except BaseException:
+                self.eager = True  # each failed capture can leave the allocator worse off
+                raise
         self.graph.replay()
         self.replays += 1
         return out
@@ -75,6 +85,11 @@ class GraphedFill:
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.fill(tensors, out)
-            finally:
-                graph.capture_end()
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except RuntimeError:  # "capture invalidated": the fill's error says why
+                    pass
+                raise
+            graph.capture_end()
         return graph

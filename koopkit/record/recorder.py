@@ -662,6 +662,8 @@ class Recorder:
         if self._chosen:
             self._check_layout(step)
         self._last_snapshot = step
+        if self.sketch is not None and self.device.type == "cuda" and self.grads:
+            self._follow_stream()
         for path, stream in self._vectors.items():
             committed = self._resume_after[path]
             if committed is not None and step <= committed:
@@ -669,6 +671,16 @@ class Recorder:
             if path == layout.GRADS:
                 self._check_grads(step)
             stream.capture(step, self._fillers[path])
+
+    def _follow_stream(self) -> None:
+        """Where the loop's current stream changed since the last snapshot, make it wait
+        for every series' last fill: the params and grads sketches share the sketch's group
+        buffer, and each fill waits only for its own series' last one."""
+        stream = torch.cuda.current_stream(self.device)
+        if stream.cuda_stream != self._fill_stream:
+            for series in self._vectors.values():
+                stream.wait_event(series.filled)
+            self._fill_stream = stream.cuda_stream
 
     @property
     def waited_s(self) -> float:
@@ -773,6 +785,7 @@ class Recorder:
         self._vectors, self._fillers, self._scalars, self._resume_after = {}, {}, {}, {}
         self._workers = {}
         self._last_snapshot = None
+        self._fill_stream = None  # the CUDA stream of the last snapshot's fills
         self._warned_grads = False
         if self._chosen:
             width = self.sketch or self._size
@@ -805,7 +818,8 @@ class Recorder:
                 if self.sketch is not None:
                     project = self._sketcher.project
                     if self.device.type == "cuda" and self._sketcher.graphable(self.dtype):
-                        project = GraphedFill(project)  # one graph per series' tensors
+                        # one graph per series' tensors
+                        project = GraphedFill(project, self._sketcher.capturable)
                 fill = functools.partial(
                     self._fill,
                     tensors=vectors[path],

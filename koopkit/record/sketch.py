@@ -121,6 +121,13 @@ class CountSketch:
         """
         return self._fused is not None and dtype in (torch.float32, torch.float16, torch.bfloat16)
 
+    def capturable(self, tensors) -> bool:
+        """Whether a CUDA graph of the fused projection of ``tensors`` keeps no copy of
+        them: a tensor sketched on its own (2**26 entries or more) that is not contiguous
+        is flattened into a temporary, which a graph's pool would keep for the graph's life.
+        """
+        return all(t.numel() < _GROUP or t.is_contiguous() for t in tensors)
+
     @torch.no_grad()  # rather than a detach per tensor, as in flatten_into
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
         """Sketch the concatenation of ``tensors`` (flattened, in order) into ``out``.
@@ -150,7 +157,8 @@ class CountSketch:
         A launch costs tens of microseconds on the host, a model has hundreds of tensors,
         and the copy into the buffer is one ``Flattener`` fill per group. The buffer (at
         most 2**26 float32, 256 MiB) lives as long as the sketch and is reused call after
-        call, so calls must come from one CUDA stream, as the Recorder's do.
+        call, so calls on different CUDA streams must be ordered by the caller, as the
+        Recorder orders its series' fills when the loop changes streams.
         """
         shapes = [t.shape for t in tensors]
         if shapes != self._shapes:

@@ -380,7 +380,7 @@ class ScalarLog:
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))  # where the copy runs
         self.writer.submit(self, steps, host, done, flush=flush)
 
     def release(self, buffer) -> None:
