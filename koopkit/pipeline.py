@@ -81,6 +81,11 @@ def group_runs(store, where=None, by=(), replicate=None, series="params") -> lis
         )
     if isinstance(by, str):
         by = (by,)
+    if replicate and replicate in by:
+        raise SelectionError(
+            f"Invalid replicate tag {replicate!r}: it is also a --by tag, so each condition "
+            "would hold one replicate; replicates are the runs within a condition."
+        )
     keys = tuple(by) + ((replicate,) if replicate else ())
     if not keys:
         return [Group((i.run_id,), i.tags) for i in infos]
@@ -443,28 +448,34 @@ def compare_spectra(
     return _compare(spectra, metric_fn, test, test_obj, replicated)
 
 
-def _condition_labels(spectra: list[SpectrumResult]) -> np.ndarray:
-    """Each spectrum's condition label; distinct conditions that print alike are refused."""
+def _condition_labels(groups: list[Group]) -> np.ndarray:
+    """Each group's condition label; distinct conditions that print alike are refused."""
     seen: dict[str, object] = {}
-    for r in spectra:
-        first = seen.setdefault(_label(r.group.condition), r.group.condition)
-        if type(first) is not type(r.group.condition) or first != r.group.condition:
+    for group in groups:
+        first = seen.setdefault(_label(group.condition), group.condition)
+        if type(first) is not type(group.condition) or first != group.condition:
             raise SelectionError(
-                f"Conditions {first!r} and {r.group.condition!r} print alike as "
+                f"Conditions {first!r} and {group.condition!r} print alike as "
                 f"{_label(first)!r}; give each condition a distinct value."
             )
-    return np.array([_label(r.group.condition) for r in spectra], dtype=object)
+    return np.array([_label(group.condition) for group in groups], dtype=object)
 
 
-def _compare(spectra, metric_fn, test, test_obj, replicated) -> Comparison:
-    """:func:`compare_spectra` with the metric and the test already created."""
-    _check_one_interval((r.spectrum.meta.get("step_interval"), r.group.runs[0]) for r in spectra)
-    labels = _condition_labels(spectra)
+def _conditions(labels: np.ndarray) -> list[str]:
+    """The distinct labels in order of appearance: at least two, or nothing to compare."""
     conditions = list(dict.fromkeys(labels.tolist()))
     if len(conditions) < 2:
         raise InsufficientDataError(
             f"Expected at least 2 conditions to compare. Got {len(conditions)} ({', '.join(conditions)})."
         )
+    return conditions
+
+
+def _compare(spectra, metric_fn, test, test_obj, replicated) -> Comparison:
+    """:func:`compare_spectra` with the metric and the test already created."""
+    _check_one_interval((r.spectrum.meta.get("step_interval"), r.group.runs[0]) for r in spectra)
+    labels = _condition_labels([r.group for r in spectra])
+    conditions = _conditions(labels)
     d = distance_matrix([r.spectrum for r in spectra], metric_fn)
     mean, std = _summaries(d, labels, conditions)
     nan = np.full_like(mean, np.nan)
@@ -509,6 +520,7 @@ def compare_store(
     store's ``analyses/`` with provenance (:func:`koopkit.store.analyses.save_comparison`).
     Names and parameters of the estimator, metric and test are checked before any work.
     """
+    from .store.location import check_writable
     from .store.reader import TrajectoryStore, open_store
 
     for kind, name in (("estimator", estimator), ("metric", metric), ("test", test)):
@@ -517,7 +529,10 @@ def compare_store(
     metric_fn = create("metric", metric, **(metric_params or {}))
     test_obj = create("test", test, **(test_params or {})) if test else None
     opened = store if isinstance(store, TrajectoryStore) else open_store(store)
+    if save:
+        check_writable(opened.url, "pass save=False to compare without saving")
     groups = group_runs(opened, where, by, replicate, series)
+    _conditions(_condition_labels(groups))  # checked before any estimation
     spectra = estimate_groups(
         opened, groups, estimator, estimator_params, series, progress, one_interval=True
     )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
 
 import koopkit
 import koopkit.plugins
-from koopkit.errors import EstimationError, SelectionError
+from koopkit.errors import EstimationError, SelectionError, StoreError
 from koopkit.store.importers import import_npy
 
 
@@ -91,6 +92,22 @@ def test_compare_bad_options_fail_before_any_estimation(cli_runner, store, tmp_p
     assert not (store / "analyses").exists()
 
 
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--by", "cond", "--replicate", "cond"], "Invalid replicate tag 'cond'"),
+        (["--by", "cond", "--where", "cond=a"], "Expected at least 2 conditions"),
+    ],
+    ids=["replicate-is-by", "one-condition"],
+)
+def test_compare_bad_groupings_fail_before_any_estimation(cli_runner, store, args, named):
+    result = cli_runner("compare", store, *args)
+    assert result.exit_code == 1, result.output
+    assert named in _one_error_line(result)
+    assert "[1/" not in result.stderr
+    assert not (store / "analyses").exists()
+
+
 def test_spectrum_bad_figure_fails_before_any_estimation(cli_runner, store, tmp_path):
     result = cli_runner("spectrum", store, "-o", tmp_path / "fig.notaformat")
     assert result.exit_code == 2, result.output
@@ -98,6 +115,38 @@ def test_spectrum_bad_figure_fails_before_any_estimation(cli_runner, store, tmp_
     assert "--output" in line and ".notaformat" in line and ".png" in line
     assert "[1/" not in result.stderr
     assert not (store / "analyses").exists()
+
+
+def _zipped(store, target):
+    with zipfile.ZipFile(target, "w") as zf:
+        for path in sorted(store.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(store).as_posix())
+    return target
+
+
+@pytest.mark.parametrize("command", ["compare", "spectrum"])
+def test_a_store_that_cannot_be_saved_into_fails_before_any_estimation(
+    cli_runner, store, tmp_path, command
+):
+    zipped = _zipped(store, tmp_path / "runs.zip")
+    extra = ["--by", "cond", "--replicate", "seed"] if command == "compare" else []
+    result = cli_runner(command, zipped, *extra, "-o", tmp_path / "fig.png")
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result)
+    assert "zip file" in line and "--no-save" in line
+    assert "[1/" not in result.stderr and not (tmp_path / "fig.png").exists()
+    result = cli_runner(command, zipped, *extra, "--no-save", "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_compare_refuses_to_save_into_a_zip_before_any_estimation(store, tmp_path, monkeypatch):
+    from koopkit import pipeline
+
+    zipped = _zipped(store, tmp_path / "runs.zip")
+    monkeypatch.setattr(pipeline, "estimate_groups", lambda *a, **k: pytest.fail("estimated"))
+    with pytest.raises(StoreError, match="save=False"):
+        koopkit.compare(zipped, "cond", replicate="seed")
 
 
 @pytest.mark.parametrize("command", ["compare", "spectrum"])
@@ -118,6 +167,20 @@ def test_a_figure_that_cannot_be_written_leaves_no_analysis(
     assert line == f"Error: No space left on device: {str(tmp_path / 'fig.png')!r}"
     assert not (store / "analyses").exists()
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--rank", "2", "--param", "rank=3"], "'rank' is given as --rank too"),
+        (["--delays", "2", "--param", "delays=3"], "'delays' is given as --delays too"),
+    ],
+)
+def test_an_estimator_parameter_given_twice_is_refused(cli_runner, store, args, named):
+    result = cli_runner("spectrum", store, *args, "--no-save")
+    assert result.exit_code == 2, result.output
+    assert named in _one_error_line(result)
+    assert "[1/" not in result.stderr
 
 
 def test_compare_saves_after_the_figure(cli_runner, store, tmp_path):

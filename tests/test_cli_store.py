@@ -14,7 +14,7 @@ import torch
 import zarr
 
 import koopkit
-from koopkit.errors import KoopkitError
+from koopkit.errors import KoopkitError, NonFiniteSnapshotWarning
 
 RUN = "fcn/h5/seed0"
 
@@ -266,23 +266,68 @@ def _bad_run_id_attr(copy):
     )
 
 
+def _value_chunk_deleted(copy):
+    (copy / "runs" / RUN / "params" / "value" / "c" / "0" / "0").unlink()
+
+
+def _value_chunk_truncated(copy):
+    chunk = copy / "runs" / RUN / "params" / "value" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+
+
+def _step_chunk_deleted(copy):
+    (copy / "runs" / RUN / "scalars" / "loss" / "step" / "c" / "0").unlink()
+
+
 @pytest.mark.parametrize(
     "corrupt, fragments",
     [
         (_committed_too_large, ["committed_steps is 99 but only 6 rows"]),
+        (
+            _value_chunk_deleted,
+            ["params/value: chunk c/0/0 of committed rows 0..5 is missing", "fill value NaN"],
+        ),
+        (_value_chunk_truncated, ["params/value: chunk c/0/0 holds 100 bytes; a whole chunk is"]),
+        (_step_chunk_deleted, ["scalars/loss/step: chunk c/0 of committed rows 0..4 is missing"]),
         (_steps_not_increasing, ["params/step: steps must be >= 0 and strictly increasing"]),
         (_tensors_do_not_cover, ["tensors cover 25 parameters but value has 26 columns"]),
         (_dimension_names_deleted, ["params/value: array has no dimension_names"]),
         (_schema_violation, ["status", "created: required key is missing", "tags.width"]),
         (_bad_run_id_attr, ["runs/other: run: run_id"]),
     ],
-    ids=["committed", "steps", "tensors", "dimension_names", "schema", "run_id"],
+    ids=[
+        "committed",
+        "value-chunk-missing",
+        "value-chunk-short",
+        "step-chunk-missing",
+        "steps",
+        "tensors",
+        "dimension_names",
+        "schema",
+        "run_id",
+    ],
 )
 def test_validate_fails_with_reasons_on_a_corrupted_copy(cli_runner, copy, corrupt, fragments):
     corrupt(copy)
     result = cli_runner("validate", copy)
     assert_invalid(result, *fragments)
     assert result.stdout == ""
+
+
+def test_validate_passes_a_chunk_of_nan_rows_left_unstored(cli_runner, tmp_path):
+    """A chunk of nothing but the fill value (NaN) is not stored, as zarr does; its rows are
+    the run's nonfinite steps, so it is not missing."""
+    url, model = tmp_path / "nan.zarr", torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    with pytest.warns(NonFiniteSnapshotWarning, match="NaN"):
+        with koopkit.Recorder(url, "diverged", model) as rec:
+            for _ in range(3):
+                rec.step()
+    assert not (url / "runs" / "diverged" / "params" / "value" / "c").exists()
+    result = cli_runner("validate", url)
+    assert result.exit_code == 0, result.output
 
 
 def test_info_never_shows_more_rows_than_are_written(cli_runner, copy):

@@ -697,13 +697,25 @@ def test_data_of_rounding_noise_only_is_refused(data, options):
         DMD(**options).fit(data)
 
 
-@pytest.mark.parametrize("scale", [1e-160, 1e200])
+@pytest.mark.parametrize("scale", [1e-160, 1e-200, 1e200])
 def test_data_beyond_the_grams_float64_range_is_refused(rng, scale):
+    """At 1e-200 every square underflows to zero: a Gram of zeros, yet not all-zero data."""
     data = decaying_modes(rng, [0.9, 0.5, -0.3, 0.99], [1, 1, 1, 1], 500, steps=30)
     with pytest.raises(EstimationError, match=r"rescale the data"):
         DMD(rank=4).fit(data * scale)
-    spectrum = DMD(rank=4).fit(data * scale**0.5)  # 1e-80 and 1e100 are fine
+    spectrum = DMD(rank=4).fit(data * scale**0.5)  # 1e-80, 1e-100 and 1e100 are fine
     assert_same_eigenvalues(spectrum.eigenvalues, [0.9, 0.5, -0.3, 0.99], atol=1e-10)
+
+
+def test_residuals_do_not_depend_on_the_scale_of_the_data(rng):
+    """The SVD path needs no Gram; the residuals' norms must not underflow either."""
+    data = decaying_modes(rng, [0.9, 0.5, -0.3, 0.99], [1, 1, 1, 1], 6, steps=30)
+    data = data + 1e-3 * rng.standard_normal(data.shape)  # residuals well above rounding
+    reference = DMD(rank=4, method="svd").fit(data).residuals
+    assert reference.min() > 1e-6
+    for scale in (1e-200, 1e200):
+        residuals = DMD(rank=4, method="svd").fit(data * scale).residuals
+        np.testing.assert_allclose(residuals, reference, rtol=1e-9)
 
 
 @pytest.mark.parametrize("device", ["nope", 3.5])

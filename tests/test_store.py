@@ -168,6 +168,8 @@ def test_parse_where_refuses_malformed_items():
     for bad in (["noequals"], ["=1"]):
         with pytest.raises(SelectionError):
             parse_where(bad)
+    with pytest.raises(SelectionError, match=r"'cond' is given twice \(cond=a, cond=b\)"):
+        parse_where(["cond=a", "seed=1", "cond=b"])  # AND would match nothing, the last wins
 
 
 def test_dataset_and_datatree(recorded):

@@ -84,11 +84,17 @@ def _check_figure_path(ctx, param, path):
 
 def estimator_params(rank, delays, params) -> dict:
     out = parse_pairs(params, "--param")
+    options = {}
     if rank is not None:
-        out["rank"] = None if rank == "full" else parse_value(rank)
+        options["rank"] = None if rank == "full" else parse_value(rank)
     if delays is not None:
-        out["delays"] = delays
-    return out
+        options["delays"] = delays
+    twice = sorted(options.keys() & out.keys())
+    if twice:  # one would silently win
+        raise click.BadParameter(
+            f"{twice[0]!r} is given as --{twice[0]} too.", param_hint="--param"
+        )
+    return {**out, **options}
 
 
 def register(cli):
@@ -107,10 +113,13 @@ def register(cli):
         """Estimate Koopman spectra of the runs of STORE."""
         from ..pipeline import estimate_groups, group_runs
         from ..plugins import lookup
+        from ..store.location import check_writable
         from ..store.reader import open_store, parse_where
 
         lookup("estimator", estimator)
         opened = open_store(store)
+        if not no_save:
+            check_writable(store, "pass --no-save to analyse it without saving")
         groups = group_runs(opened, parse_where(where), by, None, series)
         est_params = estimator_params(rank, delays, params)
         results = estimate_groups(opened, groups, estimator, est_params, series, progress=not json_)
@@ -194,6 +203,7 @@ def register(cli):
         """Compare the dynamics of the conditions of STORE: distances and p-values."""
         from ..pipeline import compare_store
         from ..plugins import lookup
+        from ..store.location import check_writable
         from ..store.reader import open_store, parse_where
 
         test = None if test == "none" else test
@@ -210,6 +220,8 @@ def register(cli):
             if name:
                 lookup(kind, name)  # unknown names fail before the store is opened
         opened = open_store(store)
+        if not no_save:
+            check_writable(store, "pass --no-save to analyse it without saving")
         result = compare_store(
             opened,
             by,

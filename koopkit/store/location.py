@@ -32,16 +32,26 @@ def _existing_directory(url, path: Path) -> Path:
     return path
 
 
+def check_writable(url, remedy: str) -> None:
+    """Refuse, before any work, a store that saving into would fail on at the end: a zip
+    file, or a local directory this process may not write. ``remedy`` ends the message."""
+    text = os.fspath(url)
+    if text.endswith(".zip"):
+        raise StoreError(
+            f"Store {text!r} is a zip file, which koopkit reads but does not write; {remedy}."
+        )
+    path = local_path(text)
+    if path is not None and path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise StoreError(f"Store {text!r} is not writable (permission denied); {remedy}.")
+
+
 def _zarr_store(url, *, writable: bool):
     import zarr.storage
 
     text = os.fspath(url)
     if text.endswith(".zip"):
         if writable:
-            raise StoreError(
-                f"Store {text!r} is a zip file, which koopkit reads but does not write; "
-                "record into a directory and zip it afterwards."
-            )
+            check_writable(text, "record into a directory and zip it afterwards")
         if not Path(text).is_file():
             raise NotAStoreError(f"No koopkit store at {text!r}: the file does not exist.")
         return zarr.storage.ZipStore(text, mode="r")

@@ -176,6 +176,10 @@ def parse_where(items) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SelectionError(f"Invalid selection {item!r}; expected TAG=VALUE.")
+        if key in where:  # a run has one value per tag: the last would silently win
+            raise SelectionError(
+                f"Invalid selection: tag {key!r} is given twice ({key}={where[key]}, {item})."
+            )
         where[key] = value
     return where
 

@@ -2,16 +2,23 @@
 
 Schemas say what each node's metadata may hold; the structure says the arrays agree with it:
 shapes match, steps increase, committed counts never exceed the rows written, every array
-names its dimensions, and the tensors table covers the flattened parameters exactly.
+names its dimensions, and the tensors table covers the flattened parameters exactly. In a
+local store, the chunk files of the committed rows are there and, stored raw, whole.
 """
 
 from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import StoreError
 from . import layout
-from .location import open_root
+from .location import local_path, open_root
+from .nodes import ZARR_JSON, NotCanonical, parse_array
 from .schema import validate_attrs
 
 __all__ = ["validate_store"]
@@ -28,7 +35,38 @@ def _dimension_names(array, where, reasons) -> None:
         reasons.append(f"{where}: array has no dimension_names for each of its {array.ndim} axes")
 
 
-def _check_series(group, where, committed, reasons) -> None:
+def _check_chunk_files(directory: Path, rows: int, where: str, reasons, fill_ok) -> None:
+    """The chunk files of the first ``rows`` rows of the array at ``directory``: each one
+    there, and one whole chunk's bytes where stored raw. A chunk of nothing but the fill
+    value is not stored (as zarr does), so a missing one is reported unless ``fill_ok(lo,
+    hi, fill)`` says rows ``lo`` to ``hi`` may hold only the fill value ``fill``."""
+    try:
+        document = parse_array(json.loads((directory / ZARR_JSON).read_bytes()))
+    except (OSError, ValueError, NotCanonical):
+        return  # not in the form the writer makes: zarr reads it, the checks above judge it
+    shape, chunks = document.meta.shape, document.chunks
+    size = math.prod(chunks) * np.dtype(document.meta.dtype).itemsize
+    grid = [range(math.ceil(rows / chunks[0]))]
+    grid += [range(math.ceil(n / c)) for n, c in zip(shape[1:], chunks[1:], strict=True)]
+    for index in itertools.product(*grid):
+        key = "c/" + "/".join(map(str, index))
+        try:
+            found = (directory / key).stat().st_size
+        except FileNotFoundError:
+            lo, hi = index[0] * chunks[0], min(rows, (index[0] + 1) * chunks[0])
+            if not fill_ok(lo, hi, document.fill):
+                reasons.append(
+                    f"{where}: chunk {key} of committed rows {lo}..{hi - 1} is missing "
+                    f"(it would read back as the fill value {document.fill})"
+                )
+            continue
+        if document.raw and found != size:
+            reasons.append(f"{where}: chunk {key} holds {found} bytes; a whole chunk is {size}")
+
+
+def _check_series(group, where, committed, reasons, directory=None, nonfinite=None) -> None:
+    """``directory``: the series' folder in a local store; ``nonfinite``: the steps of its
+    rows holding NaN or Inf as the run lists them, None where the list is incomplete."""
     attrs = group.attrs.asdict()
     reasons.extend(f"{where}: {r}" for r in validate_attrs("series", attrs))
     arrays = dict(group.arrays())
@@ -55,6 +93,18 @@ def _check_series(group, where, committed, reasons) -> None:
     steps = np.asarray(step[:committed])
     if steps.size and (np.any(np.diff(steps) <= 0) or steps[0] < 0):
         reasons.append(f"{where}/step: steps must be >= 0 and strictly increasing")
+    if directory is not None:
+
+        def step_fill_ok(lo, hi, fill):  # a step is never the fill value, -1
+            return False
+
+        def value_fill_ok(lo, hi, fill):  # rows of only NaN are listed as nonfinite
+            if fill != "NaN":  # a value like any other: rows of it are not told apart
+                return True
+            return nonfinite is None or set(steps[lo:hi].tolist()) <= nonfinite
+
+        _check_chunk_files(directory / "step", committed, f"{where}/step", reasons, step_fill_ok)
+        _check_chunk_files(directory / "value", committed, f"{where}/value", reasons, value_fill_ok)
     kind = attrs.get("kind")
     if kind in layout.SERIES_KINDS and value.ndim != 2:
         reasons.append(f"{where}/value: a {kind} series is (step, param), got {value.ndim}-D")
@@ -94,7 +144,7 @@ def _check_tensors(tensors, width, where, reasons) -> None:
         reasons.append(f"{where}: tensors cover {offset} parameters but value has {width} columns")
 
 
-def _check_run(group, run_id, reasons) -> None:
+def _check_run(group, run_id, reasons, directory=None) -> None:
     where = f"runs/{run_id}"
     attrs = group.attrs.asdict()
     found = validate_attrs("run", attrs)
@@ -104,19 +154,28 @@ def _check_run(group, run_id, reasons) -> None:
     if attrs["run_id"] != run_id:
         reasons.append(f"{where}: run_id attribute {attrs['run_id']!r} does not match its path")
     committed = attrs["committed_steps"]
+    listed, counted = attrs.get("nonfinite") or {}, attrs.get("nonfinite_count") or {}
+
+    def check(series, path):
+        nonfinite = set(listed.get(path, ()))
+        if counted.get(path, len(nonfinite)) > len(nonfinite):
+            nonfinite = None  # the list stops at its first steps
+        folder = None if directory is None else directory / path
+        _check_series(series, f"{where}/{path}", committed[path], reasons, folder, nonfinite)
+
     present = set()
     for kind in layout.VECTOR_SERIES:
         if kind in group:
             present.add(kind)
             if kind in committed:  # a series not yet committed is still being created
-                _check_series(group[kind], f"{where}/{kind}", committed[kind], reasons)
+                check(group[kind], kind)
     for kind in (layout.SCALARS, layout.PROBES):
         if kind in group:
             for name, child in group[kind].groups():
                 path = f"{kind}/{name}"
                 present.add(path)
                 if path in committed:
-                    _check_series(child, f"{where}/{path}", committed[path], reasons)
+                    check(child, path)
     for path in sorted(set(committed) - present):
         if committed[path]:
             reasons.append(f"{where}: committed_steps names series {path!r}, which does not exist")
@@ -137,7 +196,8 @@ def _is_run(group) -> bool:
     return any(_node(child) == "series" for _, child in group.groups())
 
 
-def _walk_runs(group, prefix, reasons, depth=0) -> int:
+def _walk_runs(group, prefix, reasons, directory=None, depth=0) -> int:
+    """Check every run under ``group``; ``directory``: the local folder of ``runs/``."""
     count = 0
     for name, child in sorted(group.groups()):
         run_id = f"{prefix}{name}"
@@ -147,10 +207,10 @@ def _walk_runs(group, prefix, reasons, depth=0) -> int:
             reasons.append(f"runs/{run_id}: {exc}")
             continue
         if _is_run(child):
-            _check_run(child, run_id, reasons)
+            _check_run(child, run_id, reasons, None if directory is None else directory / run_id)
             count += 1
         elif depth < 32:
-            count += _walk_runs(child, f"{run_id}/", reasons, depth + 1)
+            count += _walk_runs(child, f"{run_id}/", reasons, directory, depth + 1)
     return count
 
 
@@ -185,7 +245,8 @@ def validate_store(url) -> tuple[list[str], int]:
     runs = 0
     try:
         if layout.RUNS in root:
-            runs = _walk_runs(root[layout.RUNS], "", reasons)
+            folder = local_path(url)
+            runs = _walk_runs(root[layout.RUNS], "", reasons, folder and folder / layout.RUNS)
         if layout.ANALYSES in root:
             for name, child in root[layout.ANALYSES].groups():
                 reasons.extend(

@@ -119,7 +119,7 @@ class _Estimator:
         @functools.cache
         def get_gram():
             gram = streamed_gram(trajectories, device=self.device, block_bytes=self.block_bytes)
-            _check_gram_range(gram)
+            _check_gram_range(gram, trajectories)
             return gram
 
         return get_gram
@@ -517,15 +517,20 @@ _SMALLEST_GRAM = np.finfo(np.float64).tiny / (np.finfo(np.float64).eps * GRAM_RE
 _LARGEST_GRAM = 1e300  # room for the sums of delay blocks and the CholeskyQR shift
 
 
-def _check_gram_range(gram: np.ndarray) -> None:
+def _check_gram_range(gram: np.ndarray, trajectories: Trajectories) -> None:
     """Refuse data whose Gram leaves float64's normal range, where it silently loses digits.
 
     Every resolved Gram eigenvalue must be a normal number: the trace must be at least
-    ``tiny / (eps * GRAM_RELATIVE_ACCURACY)``. All-zero data pass here and fail the rank
-    rules with their own message.
+    ``tiny / (eps * GRAM_RELATIVE_ACCURACY)``. A trace of zero is all-zero data, which
+    passes here and fails the rank rules with their own message, unless the squares of
+    nonzero values underflowed (below about 1e-162): one more pass tells them apart.
     """
     trace = float(np.trace(gram))
-    if trace != 0 and not _SMALLEST_GRAM <= trace <= _LARGEST_GRAM:
+    if trace == 0:
+        blocks = trajectories.blocks(reuse=True, check_finite=False)
+        if not any(np.any(block) for _, block in blocks):
+            return
+    if not _SMALLEST_GRAM <= trace <= _LARGEST_GRAM:
         raise EstimationError(
             f"Expected snapshots whose summed squares lie between {_SMALLEST_GRAM:.0e} and "
             f"{_LARGEST_GRAM:.0e}, the range of float64 the Gram needs. Got {trace:.3g} instead; "
