@@ -380,6 +380,31 @@ def test_attach_hook_is_removed_at_close(memory_url, tiny_model):
     assert read(memory_url)[0].tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("attach_before_open", [True, False])
+def test_an_attached_optimizer_records_again_when_the_recorder_is_reopened(
+    memory_url, tiny_model, attach_before_open
+):
+    """Reopening is how a loop records epoch by epoch: a hook lost at close would record
+    nothing from then on, silently."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = koopkit.Recorder(memory_url, "r", model)
+    if attach_before_open:
+        rec.attach(opt)
+    for epoch in range(2):
+        with rec:
+            if epoch == 0 and not attach_before_open:
+                rec.attach(opt)
+            for _ in range(3):
+                model(torch.ones(2, 3)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+        opt.step()  # closed: neither records nor raises
+        assert len(rec._hooks) == 0
+    assert read(memory_url)[0].tolist() == list(range(7))
+    assert rec.step_count == 6
+
+
 def test_chunk_depth_that_does_not_divide_the_step_count(memory_url, tiny_model):
     model = tiny_model()
     budget = 2 * 2 * row_bytes(model) * 4  # params and grads share it: chunk_steps = 4
@@ -506,6 +531,35 @@ def test_tag_values_are_coerced_or_refused_up_front(memory_url, tiny_model, tags
     with koopkit.Recorder(memory_url, "r", tiny_model(), tags={"width": 40}):  # id still usable
         pass
     assert validate_store(memory_url)[0] == []
+
+
+def test_a_float16_overflow_is_named_in_the_nonfinite_warning(memory_url):
+    model = torch.nn.Embedding(4, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = 1e5  # finite, beyond float16's 65504
+    with pytest.warns(NonFiniteSnapshotWarning, match=r"beyond float16's range, 65504"):
+        with koopkit.Recorder(memory_url, "r", model, dtype="float16"):
+            pass
+    assert np.isinf(read(memory_url)[1][0, 0])
+
+
+def test_resuming_with_another_storage_dtype_is_refused(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model) as rec:
+        train(model, rec, 2)
+    with pytest.raises(ShapeChangedError, match=r"holds float32 rows; got float64 rows"):
+        koopkit.Recorder(memory_url, "r", model, dtype="float64").open()
+    assert read(memory_url)[1].dtype == np.float32
+
+
+def test_resuming_adds_to_the_runs_tags(memory_url, tiny_model):
+    model = tiny_model()
+    with koopkit.Recorder(memory_url, "r", model, tags={"width": 40, "seed": 2}) as rec:
+        train(model, rec, 2)
+    with koopkit.Recorder(memory_url, "r", model, tags={"seed": 3, "resumed": True}) as rec:
+        train(model, rec, 1)
+    tags = koopkit.open_store(memory_url).run("r").attrs["tags"]
+    assert tags == {"width": 40, "seed": 3, "resumed": True}
 
 
 def test_resume_false_on_a_run_with_committed_steps(memory_url, tiny_model):
@@ -866,9 +920,47 @@ def test_invalid_options_are_refused(memory_url, tiny_model):
         {"every": 0},
         {"every": "often"},
         {"every": []},
+        {"compressor": "lz4"},
     ):
         with pytest.raises(ValueError):
             koopkit.Recorder(memory_url, "r", tiny_model(), **kwargs)
+
+
+@pytest.mark.parametrize("params", [None, 3, ["0.weight", 2]])
+def test_params_of_another_kind_are_refused_in_one_line(tmp_path, tiny_model, params):
+    with pytest.raises(ValueError, match=r"expected True, a regex string, a list of parameter"):
+        koopkit.Recorder(tmp_path / "s.zarr", "r", tiny_model(), params=params).open()
+    assert not (tmp_path / "s.zarr").exists()
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5)
+        self.out.weight = self.emb.weight  # one tensor, two names
+
+
+@pytest.mark.parametrize(
+    "params, names",
+    [
+        ("out", ["emb.weight", "out.bias"]),
+        (["out.weight"], ["emb.weight"]),
+        (["out.bias", "emb.weight"], ["out.bias", "emb.weight"]),
+    ],
+)
+def test_a_tied_parameter_is_chosen_by_any_of_its_names_and_recorded_once(
+    memory_url, params, names
+):
+    model = Tied()
+    with koopkit.Recorder(memory_url, "r", model, params=params):
+        pass
+    tensors = koopkit.open_store(memory_url).root["runs/r/params"].attrs["tensors"]
+    assert [t["name"] for t in tensors] == names
+
+
+def test_a_tied_parameter_named_twice_is_refused(memory_url):
+    with pytest.raises(ValueError, match=r"name one parameter more than once \(tied"):
+        koopkit.Recorder(memory_url, "r", Tied(), params=["emb.weight", "out.weight"]).open()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1267,6 +1359,35 @@ def test_recorder_sketch_on_cpu_projects_off_the_training_thread(
             rec._workers["params"].project = broken
             train(model, rec, 50)
     assert koopkit.open_store(memory_url).run("r2").status == "interrupted"
+
+
+@pytest.mark.parametrize("on_full", ["drop", "block"])
+def test_a_busy_cpu_projection_drops_the_snapshot_when_on_full_is_drop(
+    memory_url, tiny_model, projection_beside, on_full
+):
+    """on_full="drop" never waits: not for a buffer, nor for the projection of the last step."""
+    model = tiny_model()
+    release = threading.Event()
+    with koopkit.Recorder(memory_url, "r", model, sketch=8, on_full=on_full) as rec:
+        project = rec._sketcher.project
+
+        def slow(tensors, out):
+            release.wait(timeout=1.0 if on_full == "block" else 30.0)
+            return project(tensors, out)
+
+        rec._workers["params"].barrier().synchronize()  # step 0 projected
+        rec._workers["params"].project = slow
+        rec.step()  # step 1 queued, its projection held
+        rec.step()  # step 2: dropped, or waits up to a second for step 1's projection
+        release.set()
+        waited = rec.waited_s
+    run = koopkit.open_store(memory_url).run("r")
+    if on_full == "drop":
+        assert waited < 0.5 and run.attrs["dropped"] == 1
+        assert read(memory_url)[0].tolist() == [0, 1]
+    else:
+        assert waited > 0.5 and run.attrs["dropped"] == 0
+        assert read(memory_url)[0].tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("grads", [False, True])

@@ -24,7 +24,7 @@ from ..errors import (
     WriteFailedError,
 )
 from ..store import layout
-from ..store.writer import RunWriter, SeriesSpec
+from ..store.writer import RunWriter, SeriesSpec, check_compressor
 from .graphed import GraphedFill
 from .pages import Pager
 from .schedule import make_schedule
@@ -177,25 +177,41 @@ def _dense_grad(p):
 
 
 def _select(model, params):
-    """(name, parameter) pairs chosen by True, a regex string, or a list of names."""
+    """(name, parameter) pairs chosen by True, a regex string, or a list of names.
+
+    A tied parameter (one tensor under several names, as an output layer sharing the
+    embedding's weight) is chosen by any of its names and recorded once, under the name
+    ``named_parameters()`` gives it.
+    """
     named = list(model.named_parameters())
+    first = {id(p): n for n, p in named}
+    aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     if params is True:
         chosen = named
     elif isinstance(params, str):
         pattern = re.compile(params)
-        chosen = [(n, p) for n, p in named if pattern.search(n)]
-    else:
-        wanted = list(params)
-        repeated = sorted({n for n in wanted if wanted.count(n) > 1})
-        if repeated:
-            raise ValueError(f"Invalid params: {repeated!r} named more than once; name each once.")
-        known = dict(named)
-        missing = [n for n in wanted if n not in known]
+        matched = {first_name for n, first_name in aliases.items() if pattern.search(n)}
+        chosen = [(n, p) for n, p in named if n in matched]
+    elif isinstance(params, list | tuple) and all(isinstance(n, str) for n in params):
+        missing = [n for n in params if n not in aliases]
         if missing:
             raise ValueError(
-                f"Invalid params {missing!r}; the model has: {', '.join(known) or 'no parameters'}."
+                f"Invalid params {missing!r}; the model has: {', '.join(aliases) or 'no parameters'}."
             )
-        chosen = [(n, known[n]) for n in wanted]
+        names = [aliases[n] for n in params]
+        repeated = sorted({n for n in params if names.count(aliases[n]) > 1})
+        if repeated:
+            raise ValueError(
+                f"Invalid params: {repeated!r} name one parameter more than once (tied "
+                "parameters have several names); name each once."
+            )
+        known = dict(named)
+        chosen = [(n, known[n]) for n in names]
+    else:
+        raise ValueError(
+            f"Invalid params={params!r}; expected True, a regex string, a list of parameter "
+            "names, or False for none."
+        )
     if not chosen:
         raise ValueError(f"params={params!r} selects no parameter of the model.")
     complex_ = [f"{n!r} ({p.dtype})" for n, p in chosen if p.is_complex()]
@@ -338,6 +354,8 @@ class Recorder:
         Snapshot steps: every N optimizer steps, explicit steps, or ``log_spaced(...)``.
     tags : dict
         Free key -> value labels the CLI selects and groups by (width, seed, optimizer...).
+        A resumed run keeps its tags and takes these too; a tag given again takes its new
+        value.
     params : True, str or list of str
         All parameters, those whose name matches a regex, or the named ones; False for none.
     grads : bool
@@ -356,7 +374,8 @@ class Recorder:
     seed : int
         Seed of the sketch (an int >= 0).
     dtype : {"float32", "float16", "float64"}
-        Storage dtype of vector series.
+        Storage dtype of vector series (a resumed run's must match); values beyond
+        float16's range (65504) are stored as Inf. Scalars are stored as float32.
     initial : bool
         Record the initial parameters as step 0.
     on_full : {"block", "drop"}
@@ -432,6 +451,7 @@ class Recorder:
             raise ValueError(
                 f"Invalid max_inflight_bytes={max_inflight_bytes!r}; expected an int >= 1."
             )
+        check_compressor(compressor)
         if sketch is not None:
             sketch_method, sketch, seed = check_sketch(sketch_method, sketch, seed)
         elif sketch_method not in METHODS:
@@ -466,6 +486,7 @@ class Recorder:
         self._workers: dict[str, ProjectionWorker] = {}  # CPU sketches, one per series
         self._pager: Pager | None = None  # faults in fresh host buffers (made by open())
         self._hooks = []
+        self._attached = []  # optimizers given to attach(): hooked again when reopened
         self._disabled = False
         self._holds_sigterm = False
         self._waited = 0.0  # by streams already closed
@@ -521,6 +542,9 @@ class Recorder:
             except BaseException:  # __exit__ will not run: release the run here
                 self.close(status="interrupted", raise_errors=False)
                 raise
+        if not self._hooks:  # closed and opened again: close removed them
+            for optimizer in self._attached:
+                self._hook(optimizer)
         return self
 
     @_outside_inference_mode
@@ -549,9 +573,14 @@ class Recorder:
                 f"{path} at steps {steps[:5]} ({counts.get(path, len(steps))} rows)"
                 for path, steps in flagged.items()
             )
+            overflow = (
+                " (or values beyond float16's range, 65504, which it stores as Inf)"
+                if self.dtype == torch.float16
+                else ""
+            )
             warnings.warn(
-                f"Run {self.run_id!r} recorded NaN/Inf values ({summary}); they are stored as "
-                "recorded and flagged in the run's 'nonfinite' metadata.",
+                f"Run {self.run_id!r} recorded NaN/Inf values{overflow} ({summary}); they are "
+                "stored as recorded and flagged in the run's 'nonfinite' metadata.",
                 NonFiniteSnapshotWarning,
                 stacklevel=3,
             )
@@ -694,10 +723,15 @@ class Recorder:
         return self._waited + sum(s.waited for s in streams) + sum(w.waited for w in workers)
 
     def attach(self, optimizer):
-        """Record after every ``optimizer.step()`` without touching the loop."""
+        """Record after every ``optimizer.step()`` without touching the loop, also after
+        the Recorder is closed and opened again."""
         self.optimizer = optimizer
         if self._writer is not None:
             self._writer.set(optimizer=_optimizer_meta(optimizer))
+        self._attached.append(optimizer)
+        return self._hook(optimizer)
+
+    def _hook(self, optimizer):
         handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
         self._hooks.append(handle)
         return handle
@@ -811,6 +845,7 @@ class Recorder:
                         torch.promote_types(self.dtype, torch.float32),  # round after projecting
                         self._sketcher.project,
                         beside=beside,
+                        drop=self.on_full == "drop",
                     )
                 # a CPU row is a new row of a host buffer each time; elsewhere, one staging row
                 flatten = flatten_into if self.device.type == "cpu" else Flattener()
@@ -962,9 +997,10 @@ class Recorder:
             )
 
     def _fill(self, row, tensors, worker, flatten, project):
+        """Write the snapshot into ``row``; False where a CPU sketch's worker dropped it."""
         if worker is not None:
-            worker.submit(tensors(), row)
-        elif project is not None:
+            return worker.submit(tensors(), row)
+        if project is not None:
             project(tensors(), row)
         else:
             flatten(row, tensors())

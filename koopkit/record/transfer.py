@@ -171,7 +171,9 @@ class VectorStream:
             self.side.wait_event(self.filled)
             self._copy_on_side(row, main)
         elif self.device.type == "cpu":
-            fill(row)
+            if fill(row) is False:  # a sketch's projection still busy, and on_full="drop"
+                self.dropped += 1
+                return
         else:  # MPS and other devices: a synchronous copy, correct if not overlapped
             fill(self.staging)
             row.copy_(self.staging)
@@ -275,27 +277,34 @@ class ProjectionWorker:
     the input, and the writer waits on ``barrier()`` before writing a buffer. Each series
     has its own worker (params and grads: two inputs the size of the parameters), so one
     copy never waits for another series' projection. Without ``beside``, ``submit``
-    projects at once; a failure is reported the same way, through the barrier.
+    projects at once; a failure is reported the same way, through the barrier. With
+    ``drop``, ``submit`` returns False rather than wait for the previous projection.
     """
 
-    def __init__(self, size: int, dtype: torch.dtype, project, beside: bool = True):
+    def __init__(
+        self, size: int, dtype: torch.dtype, project, beside: bool = True, drop: bool = False
+    ):
         self.input = torch.empty(size, dtype=dtype)
         self.flatten = Flattener()
         self.project = project
+        self.drop = drop
         self.input_free = threading.Semaphore(1)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="koopkit-sketch") if beside else None
         self.error: BaseException | None = None
         self.waited = 0.0  # seconds the training thread waited for the previous projection
 
-    def submit(self, tensors, row) -> None:
+    def submit(self, tensors, row) -> bool:
+        """Project ``tensors`` into ``row`` (or queue it); False: dropped, nothing queued."""
         if self.pool is None:
             try:
                 self.flatten(self.input, tensors)
                 self.project([self.input], row)
             except Exception as exc:  # reported by the barrier, as from the helper thread
                 self.error = exc
-            return
+            return True
         if not self.input_free.acquire(blocking=False):
+            if self.drop:
+                return False
             start = time.monotonic()
             self.input_free.acquire()
             self.waited += time.monotonic() - start
@@ -305,6 +314,7 @@ class ProjectionWorker:
         except BaseException:  # nothing queued: the input is free again
             self.input_free.release()
             raise
+        return True
 
     def _project(self, row) -> None:
         try:

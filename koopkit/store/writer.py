@@ -49,16 +49,20 @@ class SeriesSpec:
     compressor: str | None = None
 
 
+def check_compressor(name) -> None:
+    if name not in (None, "zstd", "blosc"):
+        raise ValueError(f"Invalid compressor {name!r}; expected None, 'zstd' or 'blosc'.")
+
+
 def _compressors(name):
+    check_compressor(name)
     if name is None:
         return None
     import zarr.codecs
 
     if name == "zstd":
         return zarr.codecs.ZstdCodec(level=1)
-    if name == "blosc":
-        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-    raise ValueError(f"Invalid compressor {name!r}; expected None, 'zstd' or 'blosc'.")
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 def _create_coord(group, name, dim, values) -> None:
@@ -179,6 +183,12 @@ class SeriesWriter:
             return (
                 f"Series {spec.path!r} was recorded with other tensors; "
                 "the model's parameters changed. Record into a new run."
+            )
+        stored, wanted = arrays["value"].dtype, np.dtype(spec.dtype)
+        if stored != wanted:
+            return (
+                f"Series {spec.path!r} holds {stored} rows; got {wanted} rows. Record with "
+                f"dtype={str(stored)!r}, or into a new run."
             )
         old_sketch, new_sketch = group.attrs.get("sketch"), spec.attrs.get("sketch")
         if old_sketch != new_sketch:
@@ -342,9 +352,10 @@ class RunWriter:
                     "pass resume=True to continue it, or choose another run id."
                 )
             self.attrs.update({"status": "recording", "writer": writer})
-            for key in ("tags", "optimizer"):
-                if metadata.get(key):
-                    self.attrs[key] = metadata[key]
+            if metadata.get("tags"):  # added to the run's tags, not replacing them
+                self.attrs["tags"] = {**self.attrs.get("tags", {}), **metadata["tags"]}
+            if metadata.get("optimizer"):
+                self.attrs["optimizer"] = metadata["optimizer"]
         else:
             parts = path.split("/")
             self._new_groups = [
