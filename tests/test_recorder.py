@@ -1668,17 +1668,17 @@ def test_failed_open_closes_the_projection_worker(
     assert len(closed) == 1
 
 
-def test_countsketch_tables_are_made_once_when_two_threads_project(monkeypatch):
-    """Params and grads project on two threads; the first use must not build the tables twice."""
+def test_countsketch_map_is_made_once_when_two_threads_project(monkeypatch):
+    """Params and grads project on two threads; the first use must not build the map twice."""
     sketch = sk.make_sketch("countsketch", 8, 100, 0, "cpu")
-    made, build = [], sketch._buckets_and_signs
+    made, build = [], sketch._csr
 
-    def slow_build(start, stop):
-        made.append((start, stop))
+    def slow_build(dtype):
+        made.append(dtype)
         time.sleep(0.2)
-        return build(start, stop)
+        return build(dtype)
 
-    monkeypatch.setattr(sketch, "_buckets_and_signs", slow_build)
+    monkeypatch.setattr(sketch, "_csr", slow_build)
     x = torch.randn(100)
     outs = [torch.empty(8), torch.empty(8)]
     threads = [threading.Thread(target=sketch.project, args=([x], out)) for out in outs]
@@ -1686,20 +1686,32 @@ def test_countsketch_tables_are_made_once_when_two_threads_project(monkeypatch):
         thread.start()
     for thread in threads:
         thread.join()
-    assert made == [(0, 100)]
+    assert made == [torch.float32]
     assert torch.equal(outs[0], outs[1])
 
 
-def test_countsketch_caches_its_tables_on_first_use_and_checks_the_size():
+def test_countsketch_caches_its_map_on_first_use_and_checks_the_size():
     sketch = sk.make_sketch("countsketch", 8, 100, 0, "cpu")
-    assert sketch._tables is None
+    assert sketch._matrices == {}
     x = torch.randn(100)
     first = sketch.project([x], torch.empty(8))
-    tables = sketch._tables
-    assert tables is not None
-    assert torch.equal(sketch.project([x], torch.empty(8)), first) and sketch._tables is tables
+    matrix = sketch._matrices[torch.float32]
+    assert torch.equal(sketch.project([x], torch.empty(8)), first)
+    assert sketch._matrices == {torch.float32: matrix}
     with pytest.raises(ValueError, match="Expected 100 coordinates"):
         sketch.project([x[:99]], torch.empty(8))
+
+
+def test_countsketch_matrix_on_cpu_equals_the_scatter_of_its_tables():
+    """The CPU map (CSR) and the tables other devices scatter with are one map: partial
+    last tiles, k above n, k not dividing n."""
+    g = torch.Generator().manual_seed(1)
+    for n, k, seed in [(1000, 32, 5), (1000, 7, 1), (5, 16, 2), (4096, 4096, 3), (10007, 64, 9)]:
+        x = torch.randint(-4, 5, (n,), generator=g).double()  # small integers: exact sums
+        sketch = sk.CountSketch(k, n, seed)
+        scattered = torch.zeros(k, dtype=torch.float64)
+        sketch._accumulate(x, 0, scattered)  # the tables' path
+        assert torch.equal(sketch.project([x], torch.empty(k, dtype=torch.float64)), scattered)
 
 
 def test_close_frees_the_host_buffers_without_the_garbage_collector(

@@ -16,6 +16,7 @@ import importlib.util
 import math
 import numbers
 import threading
+import warnings
 
 import torch
 
@@ -82,9 +83,11 @@ class CountSketch:
     fused GPU kernel read each tile contiguously and hash on the fly
     (``koopkit.record.fused_sketch``); this torch code is the reference and the fallback.
 
-    O(n) per snapshot. The torch path caches per-coordinate bucket and sign tables on first
-    use for vectors up to 2**28 entries and hashes on the fly above that, in slices, to
-    bound memory.
+    O(n) per snapshot. For vectors up to 2**28 entries the torch path caches the map on
+    first use: on CPU as a sparse k x n matrix (CSR, one entry per tile in each bucket's
+    row), whose product with the vector sums each bucket in one pass, in parallel over
+    buckets; on other devices as per-coordinate bucket and sign tables for ``scatter_add_``.
+    Above 2**28 it hashes on the fly, in slices, to bound memory.
     """
 
     method = "countsketch"
@@ -101,6 +104,7 @@ class CountSketch:
         self._buffer = None  # where the fused path concatenates small tensors
         self._shapes, self._groups = None, []  # the fused path's runs, planned per layout
         self._tables = None  # per-coordinate buckets and signs, made on first use
+        self._matrices = {}  # dtype -> the map as a CSR matrix (on CPU), made on first use
         self._tables_lock = threading.Lock()  # params and grads may project at once
 
     def _buckets_and_signs(self, start: int, stop: int):
@@ -110,6 +114,36 @@ class CountSketch:
         buckets = torch.remainder(lane + self.tile_offsets[tile], self.dim)
         bits = _lowbias32((lane + self.tile_keys[tile]) & _MASK32) >> 31
         return buckets, bits.to(torch.float32).mul_(-2).add_(1)
+
+    def _matrix(self, dtype: torch.dtype) -> torch.Tensor:
+        """The map as a CSR matrix of ``dtype``, made once however many threads ask."""
+        with self._tables_lock:
+            if dtype not in self._matrices:
+                self._matrices[dtype] = self._csr(dtype)
+            return self._matrices[dtype]
+
+    def _csr(self, dtype: torch.dtype) -> torch.Tensor:
+        """The k x n CSR matrix of the map. Row b holds bucket b's coordinates, one per
+        tile: lane (b - a_t) mod k of tile t, in increasing order, as ``scatter_add_`` adds
+        them."""
+        tiles = torch.arange(len(self.tile_offsets), dtype=torch.int64)
+        lanes = torch.remainder(
+            torch.arange(self.dim, dtype=torch.int64)[:, None] - self.tile_offsets, self.dim
+        )  # (bucket, tile)
+        index = tiles * self.dim + lanes
+        kept = index < self.size  # the last tile may be partial
+        bits = _lowbias32((lanes + self.tile_keys) & _MASK32) >> 31
+        rows = torch.zeros(self.dim + 1, dtype=torch.int32)
+        rows[1:] = kept.sum(dim=1).cumsum(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch: "Sparse CSR tensor support is in beta state"
+            return torch.sparse_csr_tensor(
+                rows,
+                index[kept].to(torch.int32),
+                (1 - 2 * bits[kept]).to(dtype),
+                size=(self.dim, self.size),
+                check_invariants=False,
+            )
 
     def graphable(self, dtype: torch.dtype) -> bool:
         """Whether projecting into an ``out`` of ``dtype`` runs the fused kernel, whose
@@ -145,6 +179,9 @@ class CountSketch:
         total = sum(flat.numel() for flat in flats)
         if total != self.size:
             raise ValueError(f"Expected {self.size} coordinates to sketch; got {total}.")
+        if self.device.type == "cpu" and self.size <= _TABLE_LIMIT:
+            x = flats[0] if len(flats) == 1 else torch.cat(flats)
+            return torch.mv(self._matrix(out.dtype), x.to(out.dtype), out=out)
         offset = 0
         for flat in flats:
             self._accumulate(flat, offset, out)
