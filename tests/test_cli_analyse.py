@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import zipfile
 
@@ -138,6 +139,20 @@ def test_a_store_that_cannot_be_saved_into_fails_before_any_estimation(
     assert "[1/" not in result.stderr and not (tmp_path / "fig.png").exists()
     result = cli_runner(command, zipped, *extra, "--no-save", "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_a_store_without_write_permission_fails_before_any_estimation(
+    cli_runner, store, monkeypatch
+):
+    """os.access is asked (chmod cannot take the permission from root, who runs CI)."""
+    from koopkit.store import location
+
+    monkeypatch.setattr(location.os, "access", lambda path, mode: os.fspath(path) != str(store))
+    result = cli_runner("spectrum", store)
+    assert result.exit_code == 1, result.output
+    assert "is not writable (permission denied); pass --no-save" in _one_error_line(result)
+    assert "[1/" not in result.stderr
+    assert cli_runner("spectrum", store, "--no-save").exit_code == 0
 
 
 def test_compare_refuses_to_save_into_a_zip_before_any_estimation(store, tmp_path, monkeypatch):

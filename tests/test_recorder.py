@@ -380,29 +380,42 @@ def test_attach_hook_is_removed_at_close(memory_url, tiny_model):
     assert read(memory_url)[0].tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("attach_before_open", [True, False])
+@pytest.mark.parametrize("when", ["before open", "once", "every epoch"])
 def test_an_attached_optimizer_records_again_when_the_recorder_is_reopened(
-    memory_url, tiny_model, attach_before_open
+    memory_url, tiny_model, when
 ):
     """Reopening is how a loop records epoch by epoch: a hook lost at close would record
-    nothing from then on, silently."""
+    nothing from then on, and one added twice would count each step twice."""
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = koopkit.Recorder(memory_url, "r", model)
-    if attach_before_open:
+    if when == "before open":
         rec.attach(opt)
     for epoch in range(2):
         with rec:
-            if epoch == 0 and not attach_before_open:
+            if when == "every epoch" or (when == "once" and epoch == 0):
                 rec.attach(opt)
             for _ in range(3):
                 model(torch.ones(2, 3)).sum().backward()
                 opt.step()
                 opt.zero_grad()
         opt.step()  # closed: neither records nor raises
-        assert len(rec._hooks) == 0
     assert read(memory_url)[0].tolist() == list(range(7))
     assert rec.step_count == 6
+
+
+def test_removing_an_attachment_stops_recording_now_and_after_a_reopen(memory_url, tiny_model):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = koopkit.Recorder(memory_url, "r", model)
+    with rec:
+        attachment = rec.attach(opt)
+        opt.step()
+        attachment.remove()
+        opt.step()
+    with rec:
+        opt.step()
+    assert read(memory_url)[0].tolist() == [0, 1]
 
 
 def test_chunk_depth_that_does_not_divide_the_step_count(memory_url, tiny_model):
@@ -755,6 +768,22 @@ def test_a_named_parameters_set_on_the_instance_is_honoured(memory_url, tiny_mod
             rec.step()
             model[0].requires_grad_(False)  # no longer listed by the instance's method
             rec.step()
+
+
+def test_a_model_whose_named_parameters_takes_only_the_old_arguments(memory_url):
+    """An override without ``remove_duplicate`` (torch's own has it since 2.0) still selects."""
+
+    class Listing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 1)
+
+        def named_parameters(self, prefix="", recurse=True):
+            yield from self.inner.named_parameters(prefix="inner")
+
+    for params in (True, "weight", ("inner.bias",)):
+        with koopkit.Recorder(memory_url, f"r{len(str(params))}", Listing(), params=params):
+            pass
 
 
 def test_a_model_listing_its_own_parameters_is_walked_at_every_snapshot(memory_url):
@@ -1622,13 +1651,16 @@ def test_fused_countsketch_groups_small_tensors_into_one_launch_each(monkeypatch
 
 
 def test_countsketch_graphs_only_tensors_it_sketches_without_a_copy(monkeypatch):
-    """A tensor sketched on its own is flattened in place if contiguous, into a temporary
-    (which a CUDA graph's pool would keep) if not; small ones are copied into the buffer."""
+    """A tensor sketched on its own (large, or a small one the next would overflow the group
+    after) is flattened in place if contiguous, into a temporary (which a CUDA graph's pool
+    would keep) if not; tensors in a group are copied into the buffer, strided or not."""
     monkeypatch.setattr(sk, "_GROUP", 8)
-    sketch = sk.CountSketch(4, 40, seed=0)
-    small, large = torch.zeros(2, 3), torch.zeros(4, 8)
-    assert sketch.capturable([small.t(), large])
-    assert not sketch.capturable([small, large.t()])
+    sketch = sk.CountSketch(4, 46, seed=0)
+    grouped, alone, large = torch.zeros(2, 2), torch.zeros(2, 3), torch.zeros(4, 8)
+    # groups: [grouped.t(), 2 more] | [alone] | [large]
+    assert sketch.capturable([grouped.t(), torch.zeros(2), torch.zeros(2), alone, large])
+    assert not sketch.capturable([grouped, torch.zeros(2), torch.zeros(2), alone.t(), large])
+    assert not sketch.capturable([grouped, torch.zeros(2), torch.zeros(2), alone, large.t()])
 
 
 def test_a_new_cuda_stream_waits_for_every_series_last_fill(monkeypatch):

@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,14 +186,20 @@ def _select(model, params):
     """
     named = list(model.named_parameters())
     first = {id(p): n for n, p in named}
-    aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    try:
+        every_name = model.named_parameters(remove_duplicate=False)
+    except TypeError:  # a module whose own named_parameters takes no such argument
+        every_name = named
+    aliases = {n: first[id(p)] for n, p in every_name}
+    if not isinstance(params, bool | str) and isinstance(params, Iterable):
+        params = list(params)  # a tuple, dict keys, a generator: names in their order
     if params is True:
         chosen = named
     elif isinstance(params, str):
         pattern = re.compile(params)
         matched = {first_name for n, first_name in aliases.items() if pattern.search(n)}
         chosen = [(n, p) for n, p in named if n in matched]
-    elif isinstance(params, list | tuple) and all(isinstance(n, str) for n in params):
+    elif isinstance(params, list) and all(isinstance(n, str) for n in params):
         missing = [n for n in params if n not in aliases]
         if missing:
             raise ValueError(
@@ -337,6 +344,20 @@ def _chunk_steps(row_bytes: int, max_inflight_bytes: int) -> int:
     """Rows per chunk: as many as fit half the in-flight budget, a power of two up to 64."""
     rows = max(1, (max_inflight_bytes // 2) // max(1, row_bytes))
     return min(MAX_CHUNK_STEPS, 1 << (rows.bit_length() - 1))
+
+
+class _Attachment:
+    """What ``Recorder.attach`` returns: ``remove()`` stops recording that optimizer's steps."""
+
+    def __init__(self, recorder, optimizer):
+        self.recorder, self.optimizer = recorder, optimizer
+
+    def remove(self) -> None:
+        for attached in list(self.recorder._attached):
+            if attached[0] is self.optimizer:
+                if attached[1] is not None:
+                    attached[1].remove()
+                self.recorder._attached.remove(attached)
 
 
 class Recorder:
@@ -485,8 +506,7 @@ class Recorder:
         self._vectors: dict[str, VectorStream] = {}  # made by open()
         self._workers: dict[str, ProjectionWorker] = {}  # CPU sketches, one per series
         self._pager: Pager | None = None  # faults in fresh host buffers (made by open())
-        self._hooks = []
-        self._attached = []  # optimizers given to attach(): hooked again when reopened
+        self._attached = []  # [optimizer, its step hook while open] per attach()
         self._disabled = False
         self._holds_sigterm = False
         self._waited = 0.0  # by streams already closed
@@ -542,9 +562,8 @@ class Recorder:
             except BaseException:  # __exit__ will not run: release the run here
                 self.close(status="interrupted", raise_errors=False)
                 raise
-        if not self._hooks:  # closed and opened again: close removed them
-            for optimizer in self._attached:
-                self._hook(optimizer)
+        for attached in self._attached:  # hooked while open, again after a reopen
+            attached[1] = self._hook(attached[0])
         return self
 
     @_outside_inference_mode
@@ -573,9 +592,10 @@ class Recorder:
                 f"{path} at steps {steps[:5]} ({counts.get(path, len(steps))} rows)"
                 for path, steps in flagged.items()
             )
+            vectors = any(not path.startswith(layout.SCALARS) for path in flagged)
             overflow = (
                 " (or values beyond float16's range, 65504, which it stores as Inf)"
-                if self.dtype == torch.float16
+                if self.dtype == torch.float16 and vectors
                 else ""
             )
             warnings.warn(
@@ -587,9 +607,10 @@ class Recorder:
 
     def _detach(self):
         """Stop recording: remove hooks, restore SIGTERM, drain the writer thread."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        for attached in self._attached:
+            if attached[1] is not None:
+                attached[1].remove()
+                attached[1] = None
         if self._holds_sigterm:
             self._holds_sigterm = False
             _release_sigterm()
@@ -722,19 +743,20 @@ class Recorder:
         streams, workers = self._vectors.values(), self._workers.values()
         return self._waited + sum(s.waited for s in streams) + sum(w.waited for w in workers)
 
-    def attach(self, optimizer):
-        """Record after every ``optimizer.step()`` without touching the loop, also after
-        the Recorder is closed and opened again."""
+    def attach(self, optimizer) -> _Attachment:
+        """Record after every ``optimizer.step()`` without touching the loop, while the
+        Recorder is open, also after it is closed and opened again; attaching the same
+        optimizer again changes nothing. ``remove()`` on what it returns detaches it."""
         self.optimizer = optimizer
         if self._writer is not None:
             self._writer.set(optimizer=_optimizer_meta(optimizer))
-        self._attached.append(optimizer)
-        return self._hook(optimizer)
+        if all(attached[0] is not optimizer for attached in self._attached):
+            hook = None if self._writer is None else self._hook(optimizer)
+            self._attached.append([optimizer, hook])
+        return _Attachment(self, optimizer)
 
     def _hook(self, optimizer):
-        handle = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
-        self._hooks.append(handle)
-        return handle
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -157,10 +157,10 @@ class CountSketch:
 
     def capturable(self, tensors) -> bool:
         """Whether a CUDA graph of the fused projection of ``tensors`` keeps no copy of
-        them: a tensor sketched on its own (2**26 entries or more) that is not contiguous
-        is flattened into a temporary, which a graph's pool would keep for the graph's life.
-        """
-        return all(t.numel() < _GROUP or t.is_contiguous() for t in tensors)
+        them: a tensor sketched on its own that is not contiguous is flattened into a
+        temporary, which a graph's pool would keep for the graph's life."""
+        groups = self._plan(tensors, tensors[0].device)
+        return all(tensors[g[0]].is_contiguous() for g in groups if g[4] is None)
 
     @torch.no_grad()  # rather than a detach per tensor, as in flatten_into
     def project(self, tensors, out: torch.Tensor) -> torch.Tensor:
@@ -197,16 +197,20 @@ class CountSketch:
         call, so calls on different CUDA streams must be ordered by the caller, as the
         Recorder orders its series' fills when the loop changes streams.
         """
-        shapes = [t.shape for t in tensors]
-        if shapes != self._shapes:
-            self._groups, self._shapes = self._plan_groups(shapes, tensors, out.device), shapes
-        for first, stop, offset, flat, flatten in self._groups:
+        for first, stop, offset, flat, flatten in self._plan(tensors, out.device):
             if flatten is None:  # one tensor: sketched where it lies
                 self._launch(tensors[first].reshape(-1), offset, out)
             else:
                 flatten.copy(tensors[first:stop])  # planned with the groups
                 self._launch(flat, offset, out)
         return out
+
+    def _plan(self, tensors, device):
+        """The groups of ``_plan_groups`` for these tensors' shapes, planned once per layout."""
+        shapes = [t.shape for t in tensors]
+        if shapes != self._shapes:
+            self._groups, self._shapes = self._plan_groups(shapes, tensors, device), shapes
+        return self._groups
 
     def _plan_groups(self, shapes, tensors, device):
         """Runs of consecutive tensors, each sketched by one launch: (first, stop, offset,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def _check_chunk_files(directory: Path, rows: int, where: str, reasons, fill_ok)
     for index in itertools.product(*grid):
         key = "c/" + "/".join(map(str, index))
         try:
-            found = (directory / key).stat().st_size
+            status = (directory / key).stat()
         except FileNotFoundError:
             lo, hi = index[0] * chunks[0], min(rows, (index[0] + 1) * chunks[0])
             if not fill_ok(lo, hi, document.fill):
@@ -60,8 +61,15 @@ def _check_chunk_files(directory: Path, rows: int, where: str, reasons, fill_ok)
                     f"(it would read back as the fill value {document.fill})"
                 )
             continue
-        if document.raw and found != size:
-            reasons.append(f"{where}: chunk {key} holds {found} bytes; a whole chunk is {size}")
+        except OSError as exc:  # not a file where a chunk should be, unreadable, ...
+            reasons.append(f"{where}: chunk {key} cannot be read: {exc.strerror or exc}")
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            reasons.append(f"{where}: chunk {key} is not a file")
+        elif document.raw and status.st_size != size:
+            reasons.append(
+                f"{where}: chunk {key} holds {status.st_size} bytes; a whole chunk is {size}"
+            )
 
 
 def _check_series(group, where, committed, reasons, directory=None, nonfinite=None) -> None:
@@ -95,8 +103,8 @@ def _check_series(group, where, committed, reasons, directory=None, nonfinite=No
         reasons.append(f"{where}/step: steps must be >= 0 and strictly increasing")
     if directory is not None:
 
-        def step_fill_ok(lo, hi, fill):  # a step is never the fill value, -1
-            return False
+        def step_fill_ok(lo, hi, fill):  # koopkit's fill, -1, is never a step
+            return fill != -1 and hi - lo == 1  # steps increase: one row at most is the fill
 
         def value_fill_ok(lo, hi, fill):  # rows of only NaN are listed as nonfinite
             if fill != "NaN":  # a value like any other: rows of it are not told apart
@@ -154,12 +162,14 @@ def _check_run(group, run_id, reasons, directory=None) -> None:
     if attrs["run_id"] != run_id:
         reasons.append(f"{where}: run_id attribute {attrs['run_id']!r} does not match its path")
     committed = attrs["committed_steps"]
-    listed, counted = attrs.get("nonfinite") or {}, attrs.get("nonfinite_count") or {}
+    listed, counted = attrs.get("nonfinite"), attrs.get("nonfinite_count") or {}
 
     def check(series, path):
-        nonfinite = set(listed.get(path, ()))
-        if counted.get(path, len(nonfinite)) > len(nonfinite):
-            nonfinite = None  # the list stops at its first steps
+        nonfinite = None  # unknown: a run written without the list
+        if listed is not None:
+            nonfinite = set(listed.get(path, ()))
+            if counted.get(path, len(nonfinite)) > len(nonfinite):
+                nonfinite = None  # the list stops at its first steps
         folder = None if directory is None else directory / path
         _check_series(series, f"{where}/{path}", committed[path], reasons, folder, nonfinite)
 

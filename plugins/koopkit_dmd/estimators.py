@@ -119,7 +119,7 @@ class _Estimator:
         @functools.cache
         def get_gram():
             gram = streamed_gram(trajectories, device=self.device, block_bytes=self.block_bytes)
-            _check_gram_range(gram, trajectories)
+            _check_gram_range(gram, trajectories, self.block_bytes)
             return gram
 
         return get_gram
@@ -517,7 +517,7 @@ _SMALLEST_GRAM = np.finfo(np.float64).tiny / (np.finfo(np.float64).eps * GRAM_RE
 _LARGEST_GRAM = 1e300  # room for the sums of delay blocks and the CholeskyQR shift
 
 
-def _check_gram_range(gram: np.ndarray, trajectories: Trajectories) -> None:
+def _check_gram_range(gram: np.ndarray, trajectories: Trajectories, block_bytes: int) -> None:
     """Refuse data whose Gram leaves float64's normal range, where it silently loses digits.
 
     Every resolved Gram eigenvalue must be a normal number: the trace must be at least
@@ -527,7 +527,7 @@ def _check_gram_range(gram: np.ndarray, trajectories: Trajectories) -> None:
     """
     trace = float(np.trace(gram))
     if trace == 0:
-        blocks = trajectories.blocks(reuse=True, check_finite=False)
+        blocks = trajectories.blocks(block_bytes=block_bytes, reuse=True, check_finite=False)
         if not any(np.any(block) for _, block in blocks):
             return
     if not _SMALLEST_GRAM <= trace <= _LARGEST_GRAM:

@@ -233,10 +233,10 @@ def _reduced_dmd(v, s, projected_y, residuals: bool) -> ExactDMD:
 def _residuals(eigenvalues, coefficients, psi_x, psi_y) -> np.ndarray:
     """``||Psi_Y g - lambda Psi_X g|| / ||Psi_X g||`` for each eigenvalue and its ``g``.
 
-    Both are divided by the largest entry first: the ratio stays, and the squares inside
+    Both are divided by their largest entry first: the ratio stays, and the squares inside
     the norms of data near 1e-160 would underflow to zero.
     """
-    scale = float(np.abs(psi_x).max(initial=0.0))
+    scale = max(float(np.abs(psi_x).max(initial=0.0)), float(np.abs(psi_y).max(initial=0.0)))
     if scale > 0:
         psi_x, psi_y = psi_x / scale, psi_y / scale
     along_x = psi_x @ coefficients
