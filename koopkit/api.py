@@ -35,7 +35,8 @@ def estimate(trajectories, estimator: str = "dmd", **params) -> Spectrum:
 
 def distance(a: Spectrum, b: Spectrum, metric: str = "wasserstein", **params) -> float:
     """Distance between two spectra with a registered metric."""
-    from .errors import EstimationError, PluginError
+    from .errors import EstimationError
+    from .pipeline import create_metric
 
     for name, spectrum in (("a", a), ("b", b)):
         if not isinstance(spectrum, Spectrum):
@@ -43,13 +44,7 @@ def distance(a: Spectrum, b: Spectrum, metric: str = "wasserstein", **params) ->
                 f"Invalid spectrum {name!r}: got {type(spectrum).__name__}; expected a "
                 "koopkit.Spectrum, as koopkit.estimate returns."
             )
-    value = create("metric", metric, **params)(a, b)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise PluginError(
-            f"Metric {metric!r} returned {type(value).__name__}; expected a float."
-        ) from None
+    return create_metric(metric, params)(a, b)
 
 
 def compare(store, by: str, **options):

@@ -9,6 +9,8 @@ tested on its sub-matrix, and the pairwise p-values are Holm-corrected as one fa
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -395,25 +397,80 @@ def _summaries(d, labels, conditions):
     return mean, std
 
 
-def run_tests(d, labels, conditions, test, metric, spectra):
-    """Each pair of conditions tested on its sub-matrix of ``d``; returns p-values and results."""
+def create_metric(name: str, params=None) -> Callable:
+    """The registered metric ``name``, checked at every call: a failure, or a value that is
+    not a distance (a finite real number >= 0), is reported naming the metric's plugin."""
+    fn = create("metric", name, **(params or {}))
+    plugin = lookup("metric", name).plugin
+
+    def metric(a: Spectrum, b: Spectrum) -> float:
+        try:
+            value = fn(a, b)
+        except KoopkitError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"Metric {name!r} (plugin {plugin!r}) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (real and math.isfinite(value) and value >= 0):
+            raise PluginError(
+                f"Metric {name!r} (plugin {plugin!r}) returned {value!r}; expected a distance, "
+                "a finite number >= 0."
+            )
+        return float(value)
+
+    return metric
+
+
+def run_tests(d, labels, conditions, test, metric, spectra, name="test"):
+    """Each pair of conditions tested on its sub-matrix of ``d``; returns p-values and results.
+
+    A failure of the test ``name``, or a result that is not a ``TestResult`` with a p-value
+    in [0, 1] (or NaN), is reported naming its plugin.
+    """
     k = len(conditions)
     p = np.full((k, k), np.nan)
     results: dict[tuple[str, str], TestResult] = {}
     for a, b in itertools.combinations(range(k), 2):
         idx = np.flatnonzero((labels == conditions[a]) | (labels == conditions[b]))
         sub_labels = [str(x) for x in labels[idx]]
-        if hasattr(test, "run_on_distances"):
-            result = test.run_on_distances(d[np.ix_(idx, idx)], sub_labels)
-        else:
-            groups = {
-                c: [spectra[i] for i in idx if labels[i] == c]
-                for c in (conditions[a], conditions[b])
-            }
-            result = test.run(groups, metric)
-        p[a, b] = p[b, a] = result.p_value
+        pair = f"conditions {conditions[a]!r} and {conditions[b]!r}"
+        try:
+            if hasattr(test, "run_on_distances"):
+                result = test.run_on_distances(d[np.ix_(idx, idx)], sub_labels)
+            else:
+                groups = {
+                    c: [spectra[i] for i in idx if labels[i] == c]
+                    for c in (conditions[a], conditions[b])
+                }
+                result = test.run(groups, metric)
+        except KoopkitError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"Test {name!r} (plugin {_plugin_of('test', name)!r}) failed on {pair}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        value = getattr(result, "p_value", None)
+        if not isinstance(result, TestResult) or not (np.isnan(value) or 0 <= value <= 1):
+            shown = (
+                f"p-value {value!r}" if isinstance(result, TestResult) else type(result).__name__
+            )
+            raise PluginError(
+                f"Test {name!r} (plugin {_plugin_of('test', name)!r}) returned {shown} for "
+                f"{pair}; expected a koopkit.TestResult with a p-value in [0, 1] or NaN."
+            )
+        p[a, b] = p[b, a] = value
         results[(conditions[a], conditions[b])] = result
     return p, results
+
+
+def _plugin_of(kind: str, name: str) -> str:
+    try:
+        return lookup(kind, name).plugin
+    except KoopkitError:  # not a registered name
+        return "unknown"
 
 
 def _check_one_interval(intervals_and_runs) -> None:
@@ -443,7 +500,7 @@ def compare_spectra(
     replicated=True,
 ) -> Comparison:
     """Distances among all spectra once, then the test for each pair of conditions."""
-    metric_fn = create("metric", metric, **(metric_params or {}))
+    metric_fn = create_metric(metric, metric_params)
     test_obj = create("test", test, **(test_params or {})) if test else None
     return _compare(spectra, metric_fn, test, test_obj, replicated)
 
@@ -485,7 +542,7 @@ def _compare(spectra, metric_fn, test, test_obj, replicated) -> Comparison:
     described = {"calibrated": calibrated, "null_label": getattr(test_obj, "null_label", None)}
     try:
         p, results = run_tests(
-            d, labels, conditions, test_obj, metric_fn, [r.spectrum for r in spectra]
+            d, labels, conditions, test_obj, metric_fn, [r.spectrum for r in spectra], test
         )
     except InsufficientDataError as exc:
         if replicated:
@@ -526,7 +583,7 @@ def compare_store(
     for kind, name in (("estimator", estimator), ("metric", metric), ("test", test)):
         if name:
             lookup(kind, name)  # unknown names fail before any work
-    metric_fn = create("metric", metric, **(metric_params or {}))
+    metric_fn = create_metric(metric, metric_params)
     test_obj = create("test", test, **(test_params or {})) if test else None
     opened = store if isinstance(store, TrajectoryStore) else open_store(store)
     if save:

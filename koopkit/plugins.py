@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.metadata
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "lookup",
     "create",
     "list_plugins",
+    "add_commands",
     "refresh",
 ]
 
@@ -43,6 +45,9 @@ _HOOK_OF_KIND = {
 
 _DISTRIBUTIONS: dict[str, importlib.metadata.Distribution] = {}
 _FAILURES: dict[str, str] = {}  # plugin name -> why it was skipped, quoted when a name is unknown
+_CLASHES: dict[tuple[str, str], str] = {}  # (kind, name) registered twice -> the message
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_RESERVED = {"none"}  # the CLI's --test none: no test
 
 
 class PluginLoadWarning(KoopkitWarning, RuntimeWarning):
@@ -100,10 +105,22 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     allowed = _names_from_env("KOOPKIT_LOAD_PLUGINS")
     blocked = _names_from_env("KOOPKIT_DISABLE_PLUGINS") or set()
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    # koopkit's own first: another package's entry point of the same name never replaces one
+    points = sorted(
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+        key=lambda ep: _package(ep) != "koopkit",
+    )
+    for ep in points:
         if (allowed is not None and ep.name not in allowed) or ep.name in blocked:
             continue
         if pm.get_plugin(ep.name) is not None:
+            warnings.warn(
+                f"Plugin {ep.name!r} of package {_package(ep)!r} has the name of plugin "
+                f"{ep.name!r} of package {_package_of(ep.name)!r}, loaded already, and was "
+                "skipped; rename its entry point.",
+                PluginLoadWarning,
+                stacklevel=2,
+            )
             continue
         try:
             module = ep.load()
@@ -125,6 +142,15 @@ def _skip(plugin_name: str, what: str, exc: Exception) -> None:
     warnings.warn(f"Plugin {plugin_name!r} {why}", PluginLoadWarning, stacklevel=3)
 
 
+def _package(ep) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return None if dist is None else dist.metadata["Name"]
+
+
+def _package_of(plugin_name: str) -> str | None:
+    return _distribution(plugin_name)[0]
+
+
 def _distribution(plugin_name: str) -> tuple[str | None, str | None]:
     dist = _DISTRIBUTIONS.get(plugin_name)
     if dist is None:
@@ -140,25 +166,33 @@ def registry(kind: str) -> dict[str, Entry]:
     pm = get_plugin_manager()
     hook = getattr(pm.hook, _HOOK_OF_KIND[kind])
     entries: dict[str, Entry] = {}
+    for clash in [key for key in _CLASHES if key[0] == kind]:  # found again if still there
+        del _CLASHES[clash]
     for impl in hook.get_hookimpls():  # registration order
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
         package, version = _distribution(plugin_name)
 
         def register(name, factory, _plugin=plugin_name, _pkg=package, _ver=version, **info):
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"Plugin {_plugin!r} registered an invalid {kind} name {name!r}.")
-            if name in entries:
-                raise DuplicateNameError(
+            if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _RESERVED:
+                raise PluginError(
+                    f"Plugin {_plugin!r} registered an invalid {kind} name {name!r}; a name is "
+                    "letters, digits and ._+- (not starting with one of those four)"
+                    + (f", and not {name!r}" if name in _RESERVED else "")
+                    + "."
+                )
+            if name in entries:  # the name errors when used; the other names still work
+                clash = (
                     f"{kind.capitalize()} {name!r} is registered by both plugin "
                     f"{entries[name].plugin!r} and plugin {_plugin!r}."
                 )
+                _CLASHES[kind, name] = clash
+                warnings.warn(clash, PluginLoadWarning, stacklevel=2)
+                return
             entries[name] = Entry(name, kind, factory, _plugin, _pkg, _ver, dict(info))
 
         snapshot = dict(entries)
         try:
             impl.function(**{arg: register for arg in impl.argnames})
-        except DuplicateNameError:
-            raise
         except Exception as exc:
             entries.clear()
             entries.update(snapshot)
@@ -169,6 +203,8 @@ def registry(kind: str) -> dict[str, Entry]:
 def lookup(kind: str, name: str) -> Entry:
     """The entry registered under ``name``, or an error listing the known names."""
     entries = registry(kind)
+    if (kind, name) in _CLASHES:
+        raise DuplicateNameError(_CLASHES[kind, name])
     if name not in entries:
         known = ", ".join(sorted(entries)) or "none"
         skipped = "".join(f" Plugin {p!r} {why}" for p, why in _FAILURES.items())
@@ -185,6 +221,25 @@ def create(kind: str, name: str, **params):
         raise PluginError(f"Invalid parameters for {kind} {name!r}: {exc}") from exc
 
 
+def add_commands(cli) -> None:
+    """Each plugin's click commands, added to ``cli``. A plugin that raises, or whose command
+    would replace one there already (koopkit's or another plugin's), is warned about and
+    skipped, its commands taken out again: the CLI keeps working without it."""
+    pm = get_plugin_manager()
+    for impl in pm.hook.koopkit_register_commands.get_hookimpls():
+        plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        before = dict(cli.commands)
+        try:
+            impl.function(**{arg: cli for arg in impl.argnames})
+            replaced = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
+            if replaced:
+                raise PluginError(f"commands {replaced} would replace those of that name")
+        except Exception as exc:
+            cli.commands.clear()
+            cli.commands.update(before)
+            _skip(plugin_name, "failed to add commands", exc)
+
+
 def list_plugins() -> list[dict]:
     """Every registered name, with its kind, plugin and package version."""
     return [entry.to_json() for kind in KINDS for entry in registry(kind).values()]
@@ -196,3 +251,4 @@ def refresh() -> None:
     get_plugin_manager.cache_clear()
     _DISTRIBUTIONS.clear()
     _FAILURES.clear()
+    _CLASHES.clear()

@@ -1,5 +1,7 @@
 """The Python entry points: koopkit.estimate, koopkit.distance and koopkit.compare."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -177,26 +179,43 @@ def test_distance_of_something_other_than_a_spectrum_is_refused_clearly():
         koopkit.distance(Spectrum([0.5]), [0.5])
 
 
-class ReturnsText:
-    def __call__(self, a, b):
-        return "far"
+class OddMetricPlugin:
+    """A metric returning ``value`` (or raising it, if it is an exception)."""
 
+    def __init__(self, value):
+        self.value = value
 
-class TextMetricPlugin:
     @koopkit.hookimpl
     def koopkit_register_metrics(self, register):
-        register("returns-text", ReturnsText)
+        def metric(a, b):
+            if isinstance(self.value, Exception):
+                raise self.value
+            return self.value
+
+        register("odd", lambda: metric)
 
 
-def test_metric_returning_something_else_is_a_plugin_error():
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0.5", "returned '0.5'; expected a distance, a finite number >= 0"),
+        (float("nan"), "returned nan; expected a distance"),
+        (-1.0, "returned -1.0; expected a distance"),
+        (True, "returned True; expected a distance"),
+        (ZeroDivisionError("oops"), "failed: ZeroDivisionError: oops"),
+    ],
+)
+def test_a_metric_that_fails_or_returns_no_distance_is_named_with_its_plugin(value, message):
     pm = koopkit.plugins.get_plugin_manager()
-    pm.register(TextMetricPlugin(), name="returns-text-plugin")
+    pm.register(OddMetricPlugin(value), name="odd-plugin")
     koopkit.plugins.registry.cache_clear()
     try:
-        with pytest.raises(PluginError, match="'returns-text' returned str; expected a float"):
-            koopkit.distance(Spectrum([0.5]), Spectrum([0.4]), metric="returns-text")
+        with pytest.raises(
+            PluginError, match=re.escape(f"Metric 'odd' (plugin 'odd-plugin') {message}")
+        ):
+            koopkit.distance(Spectrum([0.5]), Spectrum([0.4]), metric="odd")
     finally:
-        pm.unregister(name="returns-text-plugin")
+        pm.unregister(name="odd-plugin")
         koopkit.plugins.registry.cache_clear()
 
 

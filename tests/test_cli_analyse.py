@@ -14,6 +14,7 @@ import pytest
 import koopkit
 import koopkit.plugins
 from koopkit.errors import EstimationError, SelectionError, StoreError
+from koopkit.results import TestResult
 from koopkit.store.importers import import_npy
 
 
@@ -369,6 +370,39 @@ def test_a_third_party_test_without_the_attribute_is_a_p_value(store, register):
     result = koopkit.compare(store, "cond", replicate="seed", test="half", save=False)
     assert result.calibrated is True
     assert result.p_value[0, 1] == result.p_value_holm[0, 1] == 0.02  # one pair: Holm is p
+
+
+class _OddTest:
+    """Returns ``value`` (or raises it, if it is an exception) for every pair."""
+
+    calibrated = False  # the range is checked for scores too, not only before Holm
+
+    def __init__(self, value):
+        self.value = value
+
+    def run(self, groups, metric):
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (TestResult(0.0, 1.7, np.array([])), "returned p-value 1.7 for conditions 'a' and 'b'"),
+        (TestResult(0.0, -0.2, np.array([])), "returned p-value -0.2"),
+        ({"p_value": 0.5}, "returned dict for conditions 'a' and 'b'"),
+        (KeyError("lost"), "failed on conditions 'a' and 'b': KeyError: 'lost'"),
+    ],
+)
+def test_a_test_that_fails_or_returns_no_p_value_is_named_with_its_plugin(
+    cli_runner, store, register, value, message
+):
+    register("test", "odd", lambda: _OddTest(value))
+    result = cli_runner("compare", store, "--by", "cond", "--replicate", "seed", "--test", "odd")
+    assert result.exit_code == 1, result.output
+    assert f"Test 'odd' (plugin 'throwaway-odd') {message}" in _one_error_line(result)
+    assert not (store / "analyses").exists()
 
 
 def test_compare_with_three_conditions_holm_corrects_only_calibrated(tmp_path):

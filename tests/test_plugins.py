@@ -132,28 +132,46 @@ def _clash(message, kind, name, *plugins):
     assert message in expected, message
 
 
-def test_duplicate_names_name_both_plugins(plugins):
-    plugins(impostor=Registers(estimator={"dmd": Constant}))
+def test_duplicate_names_name_both_plugins_when_used(plugins):
+    plugins(impostor=Registers(estimator={"dmd": Constant, "constant": Constant}))
+    with pytest.warns(PluginLoadWarning) as warned:
+        names = set(koopkit.plugins.registry("estimator"))
+    (message,) = [str(w.message) for w in warned]
+    _clash(message, "Estimator", "dmd", "dmd", "impostor")
+    assert {"hankel-dmd", "constant"} <= names  # the other names of both plugins stay
     with pytest.raises(DuplicateNameError) as info:
-        koopkit.plugins.registry("estimator")
-    _clash(str(info.value), "Estimator", "dmd", "dmd", "impostor")
-    assert isinstance(info.value, PluginError)
+        koopkit.plugins.lookup("estimator", "dmd")
+    assert str(info.value) == message and isinstance(info.value, PluginError)
+    assert koopkit.plugins.lookup("estimator", "constant").plugin == "impostor"
 
 
 def test_duplicate_names_between_two_third_party_plugins(plugins):
     plugins(first=Registers(metric={"same": Constant}), second=Registers(metric={"same": Constant}))
-    with pytest.raises(DuplicateNameError) as info:
+    with pytest.warns(PluginLoadWarning):
         koopkit.plugins.registry("metric")
+    with pytest.raises(DuplicateNameError) as info:
+        koopkit.plugins.lookup("metric", "same")
     _clash(str(info.value), "Metric", "same", "first", "second")
     assert "dmd" in koopkit.plugins.registry("estimator")  # other kinds are unaffected
 
 
-def test_duplicate_names_fail_the_cli_in_one_line(plugins):
+def test_a_duplicate_name_fails_in_one_line_where_it_is_used(plugins, tmp_path):
     plugins(impostor=Registers(metric={"wasserstein": Constant}))
-    result = CliRunner().invoke(_cli(), ["plugins"])
+    with pytest.warns(PluginLoadWarning, match="'wasserstein' is registered by both"):
+        listing = CliRunner().invoke(_cli(), ["plugins"])
+    assert listing.exit_code == 0 and "matched-mean" in listing.stdout
+    result = CliRunner().invoke(_cli(), ["compare", str(tmp_path / "none.zarr"), "--by", "x"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
-    _clash(result.stderr[7:-1], "Metric", "wasserstein", "spectral_metrics", "impostor")
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("Error: ")
+    _clash(line[7:], "Metric", "wasserstein", "spectral_metrics", "impostor")
+
+
+@pytest.mark.parametrize("name", ["has space", "a\nb", "--json", "-x", "none", "é"])
+def test_names_the_cli_could_not_show_or_select_are_refused(plugins, name):
+    plugins(odd=Registers(metric={name: Constant}))
+    with pytest.warns(PluginLoadWarning, match="'odd' failed to register metrics.*invalid metric"):
+        assert name not in koopkit.plugins.registry("metric")
 
 
 def test_registry_keeps_registration_order(plugins):
@@ -339,6 +357,23 @@ FAKE_PLUGINS = {
         def koopkit_register_estimator(register):
             register("never", object)
         """,
+    "koopkit_fake_commands_raise.py": """\
+        import koopkit
+
+        @koopkit.hookimpl
+        def koopkit_register_commands(cli):
+            raise RuntimeError("no commands today")
+        """,
+    "koopkit_fake_commands_replace.py": """\
+        import click
+        import koopkit
+
+        @koopkit.hookimpl
+        def koopkit_register_commands(cli):
+            @cli.command(name="plugins")
+            def plugins():
+                click.echo("not koopkit's plugins")
+        """,
 }
 
 
@@ -389,6 +424,39 @@ def test_broken_entry_point_is_warned_and_the_cli_still_works(tmp_path):
     }
     hello = koopkit_cli("hello", site=site)
     assert (hello.returncode, hello.stdout) == (0, "hello from a plugin\n")
+
+
+def test_a_plugin_breaking_or_replacing_commands_is_skipped_and_the_cli_works(tmp_path):
+    site = fake_site(
+        tmp_path,
+        raising="koopkit_fake_commands_raise",
+        replacing="koopkit_fake_commands_replace",
+        good="koopkit_fake_good",
+    )
+    done = koopkit_cli("--help", site=site)
+    assert done.returncode == 0, done.stderr
+    assert "hello" in done.stdout and "Traceback" not in done.stderr
+    assert (
+        "Plugin 'raising' failed to add commands and was skipped: RuntimeError: no commands today"
+        in done.stderr
+    )
+    assert "Plugin 'replacing' failed to add commands and was skipped: PluginError: " in done.stderr
+    listing = koopkit_cli("plugins", "--json", site=site)
+    assert listing.returncode == 0 and {"half", "dmd"} <= {
+        e["name"] for e in json.loads(listing.stdout)
+    }
+
+
+def test_an_entry_point_named_like_a_builtin_one_does_not_replace_it(tmp_path):
+    site = fake_site(tmp_path, significance="koopkit_fake_good")
+    done = koopkit_cli("plugins", "--json", site=site)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "Plugin 'significance' of package 'koopkit-fake-plugins' has the name of plugin "
+        "'significance' of package 'koopkit', loaded already, and was skipped"
+    ) in done.stderr
+    names = {e["name"] for e in json.loads(done.stdout)}
+    assert names >= BUILTINS["test"] and "half" not in names
 
 
 def test_misspelt_hook_in_an_entry_point_is_reported_in_one_line(tmp_path):

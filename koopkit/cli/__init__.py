@@ -31,9 +31,9 @@ class KoopkitGroup(click.Group):
     def _add_plugin_commands(self):
         if not self._plugin_commands_added:
             self._plugin_commands_added = True
-            from ..plugins import get_plugin_manager
+            from ..plugins import add_commands
 
-            get_plugin_manager().hook.koopkit_register_commands(cli=self)
+            add_commands(self)
 
     def get_command(self, ctx, name):
         self._add_plugin_commands()
