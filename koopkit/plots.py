@@ -40,6 +40,17 @@ def _style(k: int) -> dict:
     return {"color": colors[k % len(colors)], "marker": MARKERS[k // len(colors) % len(MARKERS)]}
 
 
+def _text_color(rgba) -> str:
+    """Black or white, whichever contrasts more with the colour ``rgba`` (WCAG 2).
+
+    Black's contrast is (L + 0.05) / 0.05 and white's 1.05 / (L + 0.05), for the colour's
+    relative luminance L; they are equal at L = 0.179.
+    """
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    return "k" if (luminance + 0.05) ** 2 > 1.05 * 0.05 else "w"
+
+
 def _unit_circle(ax):
     theta = np.linspace(0, 2 * np.pi, 400)
     ax.plot(np.cos(theta), np.sin(theta), color="0.6", lw=0.8, zorder=0)
@@ -118,16 +129,16 @@ def plot_comparison(comparison, path):
     ax.set_yticks(ticks, comparison.conditions)
     shown = comparison.p_value_holm if calibrated else comparison.p_value
     p_name = "p" if calibrated else "p (uncal.)"
-    brightest = np.nanmax(mean) if np.isfinite(mean).any() else np.nan
     for i in ticks:
         for j in ticks:
-            text = "n/a" if np.isnan(mean[i, j]) else f"{mean[i, j]:.3g}"
+            cell = mean[i, j]
+            text = "n/a" if np.isnan(cell) else f"{cell:.3g}"
             p = shown[i, j]
             if not np.isnan(p):
                 text += f"\n{p_name}={p:.3g}"
-            # dark text on the bright cells, and on the empty (NaN) ones
-            light = np.isnan(mean[i, j]) or mean[i, j] > 0.5 * brightest
-            ax.text(j, i, text, ha="center", va="center", color="k" if light else "w", fontsize=8)
+            # imshow masks NaN and Inf: the text of such a cell lies on the white axes
+            color = _text_color(image.cmap(image.norm(cell))) if np.isfinite(cell) else "k"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
     if comparison.test_name is None or np.isnan(shown).all():
         ax.set_title("mean distances")
     elif calibrated:

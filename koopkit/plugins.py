@@ -185,8 +185,7 @@ def registry(kind: str) -> dict[str, Entry]:
                     f"{kind.capitalize()} {name!r} is registered by both plugin "
                     f"{entries[name].plugin!r} and plugin {_plugin!r}."
                 )
-                _CLASHES[kind, name] = clash
-                warnings.warn(clash, PluginLoadWarning, stacklevel=2)
+                _CLASHES[kind, name] = clash  # raised by lookup, warned by list_plugins
                 return
             entries[name] = Entry(name, kind, factory, _plugin, _pkg, _ver, dict(info))
 
@@ -241,8 +240,12 @@ def add_commands(cli) -> None:
 
 
 def list_plugins() -> list[dict]:
-    """Every registered name, with its kind, plugin and package version."""
-    return [entry.to_json() for kind in KINDS for entry in registry(kind).values()]
+    """Every registered name, with its kind, plugin and package version; a name two
+    plugins register is listed once, with a warning naming both."""
+    listed = [entry.to_json() for kind in KINDS for entry in registry(kind).values()]
+    for clash in _CLASHES.values():
+        warnings.warn(clash, PluginLoadWarning, stacklevel=2)
+    return listed
 
 
 def refresh() -> None:

@@ -36,6 +36,20 @@ def test_omd_and_ogd_are_far_closer_than_ogd_and_bisection(optimizer_store):
     assert pairs[("bisection", "ogd")]["p_value"] == p_bisection
 
 
+def test_each_loss_is_stored_at_the_step_of_its_iterate(optimizer_store):
+    """Recorder.step's convention: the loss at step s is the loss of params[s]."""
+    store = koopkit.open_store(optimizer_store)
+    for method in optimizers.METHODS:
+        for info in store.select({"method": method}):
+            run = koopkit.open_run(optimizer_store, info.run_id)
+            observed = run["params"]["value"].values
+            x = np.exp(observed) if method == "ogd" else observed  # OGD observes u = log x
+            loss = run["scalars"]["loss"]
+            assert list(loss["step"].values) == list(range(optimizers.STEPS))
+            expected = np.tan(x[: optimizers.STEPS]).sum(axis=1)
+            np.testing.assert_allclose(loss["value"].values, expected, rtol=1e-6)
+
+
 def test_spectra_are_deterministic(optimizer_store):
     store = koopkit.open_store(optimizer_store)
     runs = [info.run_id for info in store.select({"method": "omd"})]
@@ -186,3 +200,45 @@ def test_recording_refuses_empty_sizes_before_writing(tmp_path, sizes):
     with pytest.raises(ValueError, match=f"Expected {name} >= 1. Got {sizes[name]} instead."):
         fcn.record(store, **{"widths": (5,), "seeds": (0,), "inits": 1, "steps": 2, **sizes})
     assert not store.exists()
+
+
+def test_demo_refuses_an_existing_output_before_any_work(tmp_path, monkeypatch):
+    from koopkit.experiments import demo
+
+    called = []
+    monkeypatch.setattr(optimizers, "record", lambda *a, **k: called.append(a))
+    out = tmp_path / "demo"
+    (out / "optimizers.png").mkdir(parents=True)  # the figure could not be written
+    with pytest.raises(FileExistsError, match="optimizers.png' already exists"):
+        demo.run_demo(out, progress=lambda message: None)
+    assert called == []
+    assert sorted(p.name for p in out.iterdir()) == ["optimizers.png"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_demo_removes_only_what_it_created(tmp_path, monkeypatch, existing):
+    """A rerun of the same command must not find a half-written store in its way."""
+    from koopkit import plots
+    from koopkit.experiments import demo
+
+    def record(store, **kwargs):
+        store.mkdir()
+        (store / "zarr.json").write_text("{}")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("partway")
+
+    monkeypatch.setattr(optimizers, "record", record)
+    monkeypatch.setattr(optimizers, "analyse", lambda *a, **k: (None, None))
+    monkeypatch.setattr(plots, "plot_comparison", lambda comparison, path: path.write_bytes(b""))
+    monkeypatch.setattr(fcn, "record", fail)
+    out = tmp_path / "new" / "demo"
+    if existing:
+        out.mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="partway"):
+        demo.run_demo(out, progress=lambda message: None)
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert list(tmp_path.iterdir()) == []  # the folders it made are gone too

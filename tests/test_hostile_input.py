@@ -606,7 +606,7 @@ CASES = [
     ),
     Case(
         "plugin-registers-an-existing-name",
-        _plugin(PLUGIN_DUPLICATE_NAME, command=("plugins",)),
+        _plugin(PLUGIN_DUPLICATE_NAME, command=("spectrum", "s.zarr", "--estimator", "dmd")),
         ("'dmd'", "'hostile'"),
     ),
 ]

@@ -178,6 +178,7 @@ def test_import_torch_round_trip(tmp_path):
     attrs = store.root["runs/torch/run/params"].attrs.asdict()
     assert [t["name"] for t in attrs["tensors"]] == ["layer.weight", "layer.bias"]
     assert attrs["tensors"][0]["shape"] == [3, 2]
+    assert attrs["kind"] == "full"  # the integer buffer num_batches_tracked is no parameter
     assert store.run("torch/run").tags == {"seed": 3}
     tree = koopkit.open_run(url, "torch/run")
     np.testing.assert_array_equal(
@@ -359,3 +360,211 @@ def test_import_torch_invalid_params_regex(tmp_path):
     _checkpoints(tmp_path / "ckpts", [0, 1])
     with pytest.raises(ImportFailedError, match=r"Invalid params regex '\['"):
         import_torch(tmp_path / "ckpts", tmp_path / "s.zarr", "a", params="[")
+
+
+# --------------------------------------------------------------------------------------------
+# review: dtypes, steps, keys, leftovers and unreadable files
+
+
+def test_import_torch_keeps_float64(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    states = {}
+    for step in (0, 1):
+        states[step] = {
+            "w": torch.tensor([1 + 2**-40, step + 0.1], dtype=torch.float64),
+            "b": torch.tensor([0.1, 1 / 3], dtype=torch.float32),
+        }
+        torch.save(states[step], folder / f"ckpt_{step}.pt")
+    url = tmp_path / "s.zarr"
+    import_torch(folder, url, "a")
+    store = koopkit.open_store(url)
+    values = np.asarray(store.array("a"))
+    assert values.dtype == np.float64
+    expected = [np.concatenate([states[s]["w"].numpy(), states[s]["b"].numpy()]) for s in (0, 1)]
+    np.testing.assert_array_equal(values, np.stack(expected))  # float32 values stay exact
+    tensors = store.root["runs/a/params"].attrs["tensors"]
+    assert [t["dtype"] for t in tensors] == ["float64", "float32"]
+    assert validate_store(url) == ([], 1)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint32"])
+def test_import_npy_wide_integers_are_exact(tmp_path, dtype):
+    data = np.array([[2**24 + 1, 0], [3, 2**31 - 1]]).astype(dtype)
+    np.save(tmp_path / "x.npy", data)
+    url = tmp_path / "s.zarr"
+    import_npy(tmp_path / "x.npy", url, "a")
+    values = np.asarray(koopkit.open_store(url).array("a"))
+    assert values.dtype == np.float64
+    np.testing.assert_array_equal(values, data.astype(np.int64))
+
+
+def test_import_npy_refuses_integers_float64_would_round(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([[0, 1], [2**53 + 1, 2]], dtype=np.int64))
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match=r"exceed 2\*\*53"):
+        import_npy(tmp_path / "x.npy", url, "a")
+    assert not url.exists()
+
+
+def test_import_torch_steps_from_integer_tensors(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for name, step in (("a", torch.tensor(100)), ("b", torch.tensor(200, dtype=torch.int32))):
+        torch.save({"model": {"w": torch.ones(2) * step}, "step": step}, folder / f"{name}.pt")
+    url = tmp_path / "s.zarr"
+    import_torch(folder, url, "a")
+    assert koopkit.open_store(url).steps("a").tolist() == [100, 200]
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.serialization, "safe_globals"), reason="torch < 2.5: no safe_globals"
+)
+def test_import_torch_steps_from_numpy_integers(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save({"model": {"w": torch.ones(2)}, "global_step": np.int64(300)}, folder / "a.pt")
+    # weights_only loads a numpy scalar only where the caller allows its globals
+    allowed = [np.int64(0).__reduce__()[0], np.dtype, type(np.dtype(np.int64))]
+    url = tmp_path / "s.zarr"
+    with torch.serialization.safe_globals(allowed):
+        import_torch(folder, url, "a")
+    assert koopkit.open_store(url).steps("a").tolist() == [300]
+
+
+@pytest.mark.parametrize(
+    "entries, match",
+    [
+        ({"step": True}, r"Invalid 'step' entry of 'ckpt_1.pt': a bool"),
+        ({"step": torch.tensor(True)}, r"Invalid 'step' entry of 'ckpt_1.pt': a bool"),
+        ({"global_step": 1.0}, r"Invalid 'global_step' entry of 'ckpt_1.pt': a float"),
+        ({"step": 1, "global_step": torch.tensor(2)}, "has step 1 and global_step 2"),
+    ],
+    ids=["bool", "bool-tensor", "float", "step-and-global-step-differ"],
+)
+def test_import_torch_refuses_bad_step_entries(tmp_path, entries, match):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save({"model": {"w": torch.ones(2)}, **entries}, folder / "ckpt_1.pt")
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match=match):
+        import_torch(folder, url, "a")
+    assert not url.exists()
+
+
+def test_import_torch_equal_step_and_global_step_are_one_step(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save({"model": {"w": torch.ones(2)}, "step": 7, "global_step": 7}, folder / "x.pt")
+    import_torch(folder, tmp_path / "s.zarr", "a")
+    assert koopkit.open_store(tmp_path / "s.zarr").steps("a").tolist() == [7]
+
+
+def test_import_torch_refuses_keys_that_are_not_names(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save({"w": torch.ones(2), 1: torch.ones(3)}, folder / "ckpt_0.pt")
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match="under the key 1; expected a state dict"):
+        import_torch(folder, url, "a")
+    assert not url.exists()
+
+
+def test_a_refused_import_creates_no_store(tmp_path):
+    states = _checkpoints(tmp_path / "ckpts", [0, 1])
+    del states[1]["layer.bias"]
+    torch.save(states[1], tmp_path / "ckpts" / "ckpt_1.pt")
+    url = tmp_path / "new" / "s.zarr"
+    with pytest.raises(ShapeChangedError, match="layer.bias"):
+        import_torch(tmp_path / "ckpts", url, "a")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_write_removes_the_store_it_created(tmp_path, monkeypatch, existing):
+    _checkpoints(tmp_path / "ckpts", [0, 1])
+    np.save(tmp_path / "x.npy", np.ones((3, 2)))
+    url = tmp_path / "new" / "s.zarr"
+    if existing:
+        import_npy(tmp_path / "x.npy", url, "kept")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("koopkit.store.importers.RunWriter.append", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        import_torch(tmp_path / "ckpts", url, "a")
+    with pytest.raises(OSError, match="No space"):
+        import_npy(tmp_path / "x.npy", url, "b")
+    if existing:
+        assert _runs(url) == ["kept"] and validate_store(url) == ([], 1)
+    else:
+        assert not (tmp_path / "new").exists()
+
+
+def test_import_torch_skips_directories_and_reads_any_suffix_case(tmp_path):
+    states = _checkpoints(tmp_path / "ckpts", [0, 1], name="ckpt_{}.PT")
+    (tmp_path / "ckpts" / "ckpt_2.pt").mkdir()
+    url = tmp_path / "s.zarr"
+    assert import_torch(tmp_path / "ckpts", url, "a") == 2
+    np.testing.assert_array_equal(
+        np.asarray(koopkit.open_store(url).array("a")), np.stack([_flat(states[s]) for s in (0, 1)])
+    )
+
+
+@pytest.mark.parametrize("content", ["empty", "truncated-zip", "garbage", "empty-zip"])
+def test_import_torch_unreadable_files_are_named_as_such(tmp_path, content):
+    folder = tmp_path / "ckpts"
+    _checkpoints(folder, [0])
+    whole = (folder / "ckpt_0.pt").read_bytes()
+    data = {
+        "empty": b"",
+        "truncated-zip": whole[: len(whole) // 2],
+        "garbage": b"\x00garbage",
+        "empty-zip": b"PK\x05\x06" + bytes(18),
+    }[content]
+    (folder / "ckpt_1.pt").write_bytes(data)
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match="^Cannot read 'ckpt_1.pt' as a torch checkpoint: "):
+        import_torch(folder, url, "a")
+    assert not url.exists()
+
+
+def test_import_torch_model_entry_that_is_no_state_dict(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (1, 2):
+        torch.save(
+            {"model": {"name": "mlp", "depth": 2}, "model_state_dict": {"w": torch.ones(2) * step}},
+            folder / f"ckpt_{step}.pt",
+        )
+    url = tmp_path / "s.zarr"
+    import_torch(folder, url, "a")
+    np.testing.assert_array_equal(
+        np.asarray(koopkit.open_store(url).array("a")), [[1.0, 1.0], [2.0, 2.0]]
+    )
+
+
+def test_import_torch_refuses_complex_tensors(tmp_path):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for step in (0, 1):
+        state = {"w": torch.ones(2), "z": torch.ones(2, dtype=torch.complex64)}
+        torch.save(state, folder / f"ckpt_{step}.pt")
+    url = tmp_path / "s.zarr"
+    with pytest.raises(ImportFailedError, match=r"complex tensors 'z' \(complex64\)"):
+        import_torch(folder, url, "a")
+    assert not url.exists()
+    import_torch(folder, url, "a", params="^w$")  # selecting the real ones imports them
+    assert koopkit.open_store(url).root["runs/a/params"].attrs["kind"] == "subset"
+
+
+def test_import_torch_refuses_a_tensor_whose_dtype_changes(tmp_path):
+    _checkpoints(tmp_path / "ckpts", [0, 1])
+    _checkpoints(tmp_path / "ckpts", [2], dtype=torch.bfloat16)
+    url = tmp_path / "s.zarr"
+    with pytest.raises(
+        ImportFailedError, match=r"'ckpt_2.pt' has tensor 'layer.weight' as bfloat16, 'ckpt_0.pt'"
+    ):
+        import_torch(tmp_path / "ckpts", url, "a")
+    assert not url.exists()

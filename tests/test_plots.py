@@ -158,3 +158,49 @@ def test_labels_with_dollar_signs_are_drawn_literally(tmp_path):
     plots.plot_comparison(compare_spectra(spectra, test="permutation"), tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
     assert matplotlib.rcParams["text.parse_math"]  # the caller's setting is back
+
+
+def _contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two colours (1 to 21)."""
+    from matplotlib.colors import to_rgb
+
+    def luminance(color):
+        c = np.asarray(to_rgb(color))
+        c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_heatmap_labels_contrast_with_their_cells(tmp_path, monkeypatch):
+    """imshow stretches the colours from the smallest value to the largest: a cell at the
+    bottom of the colormap is dark (white text) even when its value is most of the largest."""
+    figures = _captured_figures(monkeypatch)
+    mean = np.array([[0.6, 1.0, 0.8], [1.0, 0.7, 0.9], [0.8, 0.9, np.nan]])
+    comparison = SimpleNamespace(
+        conditions=["a", "b", "c"],
+        spectra=[
+            SimpleNamespace(
+                group=SimpleNamespace(condition=c), spectrum=SimpleNamespace(eigenvalues=[0.9])
+            )
+            for c in "abc"
+        ],
+        distance_mean=mean,
+        p_value_holm=np.full((3, 3), np.nan),
+        tests={},
+        test_name=None,
+    )
+    plots.plot_comparison(comparison, tmp_path / "heat.png")
+    heatmap = figures[0].axes[1]
+    image = heatmap.images[0]
+    assert image.get_cmap().name == "viridis"
+    colors = {}
+    for text in heatmap.texts:
+        j, i = text.get_position()
+        colors[text.get_text()] = text.get_color()
+        cell = image.to_rgba(mean[i, j]) if np.isfinite(mean[i, j]) else heatmap.get_facecolor()
+        assert _contrast(text.get_color(), cell) >= 4.5, text.get_text()
+    assert colors["0.6"] == "w"  # the darkest cell
+    assert colors["1"] == "k"  # the brightest
+    assert colors["n/a"] == "k"  # on the white axes

@@ -7,7 +7,9 @@ with Wasserstein distances and permutation tests, and write a store, figures and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from ..results import json_safe
 from . import fcn, optimizers
 
 ALPHA = 0.05
+OUTPUTS = ("runs.zarr", "optimizers.png", "fcn.png", "summary.json", "summary.txt")
+"""Everything a demo writes into its folder."""
 
 
 def replicates(comparison) -> dict[str, int]:
@@ -92,20 +96,48 @@ def _pooled(comparison) -> dict:
 
 
 def run_demo(out, quick: bool = False, progress=print) -> dict:
-    """Run both experiments into ``out``; returns the summary also written to summary.json."""
+    """Run both experiments into ``out``; returns the summary also written to summary.json.
+
+    Refuses before any work if one of its OUTPUTS exists, and a demo that fails removes what
+    it created (the outputs and the folders it made), so the same command can run again.
+    """
+    out = Path(out)
+    for name in OUTPUTS:
+        if (out / name).exists():
+            raise FileExistsError(
+                f"{str(out / name)!r} already exists; choose another --out or remove it."
+            )
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    try:
+        return _run(out, quick, progress)
+    except BaseException:
+        _remove(out, made)
+        raise
+
+
+def _remove(out: Path, made: list[Path]) -> None:
+    """Remove the outputs (none existed before the demo) and the folders it made, if empty."""
+    for path in (out / name for name in OUTPUTS):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    for folder in made:  # deepest first; one that holds anything else stays
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _run(out: Path, quick: bool, progress) -> dict:
     from ..plots import plot_comparison
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "runs.zarr"
-    if store.exists():
-        raise FileExistsError(f"{str(store)!r} already exists; choose another --out or remove it.")
+    store, opt_figure, fcn_figure, summary_json, summary_txt = (out / name for name in OUTPUTS)
     start = time.perf_counter()
 
     progress("experiment 1: online mirror descent vs online gradient descent vs bisection")
     optimizers.record(store, progress=progress)
     opt_cmp, opt_pooled = optimizers.analyse(store, n_perm=10_000)
-    plot_comparison(opt_cmp, out / "optimizers.png")
+    plot_comparison(opt_cmp, opt_figure)
 
     progress("experiment 2: fully connected networks of widths 5, 10, 40 on the digits")
     # 5 seeds per width: 252 arrangements, so the smallest Holm p over 3 pairs is
@@ -114,7 +146,7 @@ def run_demo(out, quick: bool = False, progress=print) -> dict:
     seeds, inits, steps = ((0, 1, 2), 3, 200) if quick else ((0, 1, 2, 3, 4), 5, 300)
     fcn.record(store, seeds=seeds, inits=inits, steps=steps, progress=progress)
     fcn_cmp = fcn.analyse(store, delays=8, rank=10, n_perm=10_000)
-    plot_comparison(fcn_cmp, out / "fcn.png")
+    plot_comparison(fcn_cmp, fcn_figure)
 
     summary = {
         "store": str(store),
@@ -137,8 +169,8 @@ def run_demo(out, quick: bool = False, progress=print) -> dict:
         },
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
-    (out / "summary.txt").write_text(format_summary(summary))
+    summary_json.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+    summary_txt.write_text(format_summary(summary))
     return summary
 
 

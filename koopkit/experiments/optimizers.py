@@ -95,10 +95,11 @@ def record(store, conjugate: bool = True, progress=None) -> int:
                 store, f"optimizers/{method}/{index:02d}", iterate, tags=tags, dtype="float64"
             ) as rec:
                 for _ in range(STEPS):
+                    # a scalar goes at the step of the iterate it describes
+                    before = _loss(method, state)
                     state = _advance(method, state)
-                    observed = _observed(method, state)
-                    iterate.x.data.copy_(torch.from_numpy(observed))
-                    rec.step(loss=loss(observed if method != "ogd" else np.exp(observed)))
+                    iterate.x.data.copy_(torch.from_numpy(_observed(method, state)))
+                    rec.step(loss=before)
             count += 1
         if progress:
             progress(f"recorded {len(grids[method])} {method} trajectories")
@@ -119,6 +120,12 @@ def _observed(method, state) -> np.ndarray:
         a, b = state
         return (a + b) / 2
     return np.asarray(state, dtype=np.float64)
+
+
+def _loss(method, state) -> float:
+    """The loss at the observed iterate, in OMD's coordinates x (OGD observes u = log x)."""
+    observed = _observed(method, state)
+    return loss(np.exp(observed) if method == "ogd" else observed)
 
 
 def analyse(store, n_perm: int = 10_000, save: bool = True, progress: bool = False):

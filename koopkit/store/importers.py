@@ -1,6 +1,8 @@
 """Bringing existing trajectories into a store: ``.npy`` arrays and folders of state dicts.
 
-An import either completes or leaves nothing behind: on any failure the new run is removed.
+An import either completes or leaves nothing behind: everything the input can be checked for
+(shapes, dtypes, steps, the layout of every checkpoint) is checked before the store is touched,
+and a failure while writing removes the new run, and the store too if this import created it.
 Checkpoints are loaded with ``torch.load(weights_only=True)``, which refuses any pickle that
 would need to run code.
 """
@@ -8,6 +10,7 @@ would need to run code.
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -15,13 +18,14 @@ import numpy as np
 
 from ..errors import ImportFailedError, RunExistsError, ShapeChangedError
 from . import layout
-from .location import open_root
+from .location import local_path, open_root
 from .writer import CHUNK_BYTES, RunWriter, SeriesSpec
 
 __all__ = ["import_npy", "import_torch", "CHECKPOINT_SUFFIXES"]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 ROWS_PER_WRITE = 64
+EXACT_IN_FLOAT64 = 2**53  # every integer of at most this magnitude is a float64
 
 
 def _rows_per_chunk(row_bytes: int) -> int:
@@ -66,24 +70,70 @@ def _remove_run(store, made) -> None:
         pass  # best effort: the store may be what failed
 
 
+def _missing_directories(store) -> list[Path]:
+    """A local store's directory and those of its parents that do not exist yet, deepest first."""
+    missing, directory = [], local_path(store)
+    while directory is not None and not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _remove_new_store(missing) -> None:
+    """Remove a store this import created, unless something besides its empty skeleton is there
+    (another writer may have moved in)."""
+    if not missing:
+        return
+    root, runs = missing[0], missing[0] / layout.RUNS
+    try:
+        if {p.name for p in root.iterdir()} - {"zarr.json", layout.RUNS}:
+            return
+        if runs.is_dir() and {p.name for p in runs.iterdir()} - {"zarr.json"}:
+            return
+        shutil.rmtree(root)
+        for directory in missing[1:]:
+            directory.rmdir()
+    except OSError:
+        pass  # best effort, like the run's removal
+
+
 def _write_all(store, run_id, metadata, spec, rows_iter) -> int:
-    """Write (steps, rows) blocks as the run's params; remove the run if anything fails."""
-    writer, made = _new_run(store, run_id, metadata)
+    """Write (steps, rows) blocks as the run's params; on failure remove what this import made."""
+    missing = _missing_directories(store)
+    writer = None
     count = 0
     try:
+        writer, made = _new_run(store, run_id, metadata)
         writer.add_series(spec)
         for steps, rows in rows_iter:
             writer.append(layout.PARAMS, steps, rows)
             count += len(steps)
         writer.close("complete")
     except BaseException:
-        writer.abandon()
-        _remove_run(store, made)
+        if writer is not None:
+            writer.abandon()
+            _remove_run(store, made)
+        _remove_new_store(missing)
         raise
     return count
 
 
 NPY_MAGIC = b"\x93NUMPY"
+
+
+def _npy_dtype(array, path: Path) -> str:
+    """The stored dtype, which holds every value exactly: float64 for float64 and for integers
+    wider than 16 bits (float32 rounds them above 2**24); int64 beyond 2**53 is refused."""
+    if array.dtype.kind == "f":
+        return "float64" if array.dtype.itemsize >= 8 else "float32"
+    if array.dtype.itemsize <= 2:
+        return "float32"
+    if array.dtype.itemsize == 8 and max(-int(array.min()), int(array.max())) > EXACT_IN_FLOAT64:
+        raise ImportFailedError(
+            f"Invalid .npy file {str(path)!r}: its {array.dtype} values exceed 2**53 in magnitude, "
+            "which float64 cannot hold exactly; rescale or convert them first."
+        )
+    return "float64"
 
 
 def import_npy(source, store, run_id: str, tags: dict | None = None, name: str = "x") -> int:
@@ -114,7 +164,7 @@ def import_npy(source, store, run_id: str, tags: dict | None = None, name: str =
             f"Expected a non-empty 2-D numeric array (steps, features) in {str(path)!r}. "
             f"Got shape {array.shape} of dtype {array.dtype} instead."
         )
-    dtype = "float64" if array.dtype.kind == "f" and array.dtype.itemsize >= 8 else "float32"
+    dtype = _npy_dtype(array, path)
     rows = _rows_per_chunk(array.shape[1] * np.dtype(dtype).itemsize)
     spec = SeriesSpec(
         layout.PARAMS,
@@ -140,73 +190,182 @@ def import_npy(source, store, run_id: str, tags: dict | None = None, name: str =
     return _write_all(store, run_id, metadata, spec, blocks)
 
 
-def _step_of(path: Path) -> int | None:
-    numbers = re.findall(r"\d+", path.stem)
-    return int(numbers[-1]) if numbers else None
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_MAGIC = b"\x80"  # the PROTO opcode that starts a legacy torch.save pickle
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")  # where trainers nest it
+STEP_KEYS = ("step", "global_step")
 
 
-def _load_state_dict(path: Path):
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoint files of a folder, by suffix in any case; directories are not files."""
+    if not folder.is_dir():
+        raise ImportFailedError(f"Expected a folder of checkpoints at {str(folder)!r}.")
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()
+    )
+    if not files:
+        raise ImportFailedError(
+            f"No checkpoints ({', '.join(CHECKPOINT_SUFFIXES)}) in {str(folder)!r}."
+        )
+    return files
+
+
+def _params_pattern(params):
+    try:
+        return re.compile(params) if params else None
+    except re.error as exc:
+        raise ImportFailedError(f"Invalid params regex {params!r}: {exc}.") from exc
+
+
+def _load(path: Path):
+    """What ``torch.save`` wrote to ``path``: memory-mapped from a zip, unpickled with
+    ``weights_only=True`` from a legacy pickle; anything else is not a checkpoint."""
     import torch
 
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as exc:
+        raise ImportFailedError(f"Cannot read {path.name!r}: {exc.strerror or exc}.") from exc
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise _unreadable(path, "it is neither a zip archive nor a pickle")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about legacy pickle protocols
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" in str(exc):  # legacy (non-zip) checkpoints cannot be memory-mapped
-            return _load_state_dict_unmapped(path)
-        raise _refusal(path, exc) from exc
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=head == ZIP_MAGIC)
     except Exception as exc:
-        raise _refusal(path, exc) from exc
-    return _unwrap(path, obj)
+        # weights_only refuses what a pickle asks for with an UnpicklingError (named, not
+        # imported: this module never imports pickle); else a truncated zip, an empty pickle
+        if type(exc).__name__ == "UnpicklingError":
+            raise _refusal(path, exc) from exc
+        raise _unreadable(path, _first_line(exc)) from exc
 
 
-def _load_state_dict_unmapped(path: Path):
-    import torch
+def _unreadable(path: Path, why: str) -> ImportFailedError:
+    return ImportFailedError(f"Cannot read {path.name!r} as a torch checkpoint: {why}.")
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise _refusal(path, exc) from exc
-    return _unwrap(path, obj)
+
+def _first_line(exc) -> str:
+    """The exception's type and the first sentence of its message, for a one-line error."""
+    line = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def _refusal(path: Path, exc) -> ImportFailedError:
-    """One line naming the file and, where torch says it, the global the pickle wanted."""
-    lines = str(exc).splitlines()
-    detail = next((line.strip() for line in lines if "Unsupported global" in line), None)
-    detail = detail or f"{type(exc).__name__}: {(lines or [''])[0][:120]}"
+    """One line naming the file and, where torch says it, what the pickle wanted."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    wanted = next((line for line in lines if "unsupported" in line.lower()), None)
     return ImportFailedError(
         f"Refused checkpoint {path.name!r}: it is not a plain tensor state dict that loads with "
-        f"weights_only=True (loading it could run code). {detail}"
+        "weights_only=True (loading it could run code). "
+        + (wanted.split(". ")[0][:160] if wanted else _first_line(exc))
     )
 
 
-def _unwrap(path: Path, obj):
-    """The tensors of a state dict (possibly nested under 'state_dict'/'model') and its step."""
+def _state_dict(path: Path, obj) -> dict:
+    """The tensors of a checkpoint: of the first state dict nested under a usual key that holds
+    any (a 'model' entry may be a name or a config), else of the checkpoint itself."""
     import torch
 
-    step = None
-    if isinstance(obj, dict):
-        for key in ("step", "global_step"):
-            if isinstance(obj.get(key), int):
-                step = obj[key]
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
+    candidates = [obj.get(key) for key in STATE_DICT_KEYS] + [obj] if isinstance(obj, dict) else []
+    for candidate in candidates:
+        if isinstance(candidate, dict):
+            tensors = {k: v for k, v in candidate.items() if isinstance(v, torch.Tensor)}
+            if tensors:
                 break
-    tensors = (
-        {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if isinstance(obj, dict)
-        else {}
-    )
-    if not tensors:
+    else:
         raise ImportFailedError(
             f"Checkpoint {path.name!r} holds no tensors (expected a state dict)."
         )
-    return tensors, step
+    keys = [k for k in tensors if not isinstance(k, str)]
+    if keys:
+        raise ImportFailedError(
+            f"Checkpoint {path.name!r} has a tensor under the key {keys[0]!r}; expected a state "
+            "dict whose keys are tensor names (strings)."
+        )
+    return tensors
+
+
+def _step_entry(path: Path, obj: dict, key: str) -> int | None:
+    """The integer under ``key``: an int, a numpy integer or a 0-d integer tensor; None when
+    absent or a tensor with dimensions (a parameter named like a step)."""
+    import torch
+
+    value = obj.get(key)
+    if value is None or (isinstance(value, torch.Tensor) and value.ndim):
+        return None
+    if isinstance(value, (torch.Tensor, np.generic)):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ImportFailedError(
+            f"Invalid {key!r} entry of {path.name!r}: a {type(value).__name__}, not an integer step."
+        )
+    return value
+
+
+def _step(path: Path, obj) -> int:
+    """The step of a checkpoint: its ``step``/``global_step`` entry, else the last number in its
+    file name."""
+    entries = (
+        {key: _step_entry(path, obj, key) for key in STEP_KEYS} if isinstance(obj, dict) else {}
+    )
+    found = {key: value for key, value in entries.items() if value is not None}
+    if len(set(found.values())) > 1:
+        raise ImportFailedError(
+            f"Checkpoint {path.name!r} has step {found['step']} and global_step "
+            f"{found['global_step']}; expected one step."
+        )
+    numbers = re.findall(r"\d+", path.stem)
+    if not found and not numbers:
+        raise ImportFailedError(
+            f"Cannot tell the step of {path.name!r}: no step entry and no number in its name."
+        )
+    step = next(iter(found.values())) if found else int(numbers[-1])
+    if not 0 <= step < 2**63:  # the store's steps are int64 and never negative
+        raise ImportFailedError(
+            f"Invalid step {step} of {path.name!r}; expected 0 <= step < 2**63."
+        )
+    return step
+
+
+def _dtype_name(tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _select(path: Path, tensors: dict, pattern, params) -> tuple[list[str], str]:
+    """The names of the tensors to import, and the series kind: 'full' when they are all the
+    floating-point and complex ones (integer buffers such as num_batches_tracked are never
+    parameters), as a Recorder's 'full' is all of a model's parameters."""
+    matched = [n for n in tensors if pattern is None or pattern.search(n)]
+    complex_ = [f"{n!r} ({_dtype_name(tensors[n])})" for n in matched if tensors[n].is_complex()]
+    if complex_:  # a real row would keep only their real part
+        raise ImportFailedError(
+            f"Checkpoint {path.name!r} has complex tensors {', '.join(complex_[:5])}; koopkit "
+            "stores real ones. Select the real tensors with params."
+        )
+    names = [n for n in matched if tensors[n].is_floating_point()]
+    if not names:
+        raise ImportFailedError(f"No floating-point tensor matches params={params!r}.")
+    inexact = [n for n, t in tensors.items() if t.is_floating_point() or t.is_complex()]
+    return names, "full" if len(names) == len(inexact) else "subset"
+
+
+def _check_layout(loaded, names) -> None:
+    """Every checkpoint holds each imported tensor with the first one's shape and dtype."""
+    _, first_path, first = loaded[0]
+    for _, path, tensors in loaded[1:]:
+        for n in names:
+            if n not in tensors or tensors[n].shape != first[n].shape:
+                raise ShapeChangedError(
+                    f"Checkpoint {path.name!r} has tensor {n!r} with another shape or none; "
+                    "all checkpoints of a run must share one layout."
+                )
+            if tensors[n].dtype != first[n].dtype:
+                raise ImportFailedError(
+                    f"Checkpoint {path.name!r} has tensor {n!r} as {_dtype_name(tensors[n])}, "
+                    f"{first_path.name!r} as {_dtype_name(first[n])}; all checkpoints of a run "
+                    "must share one dtype per tensor."
+                )
 
 
 def import_torch(
@@ -215,44 +374,27 @@ def import_torch(
     """Import a folder of ``torch.save`` state dicts, ordered by step, as one run.
 
     The step of each file is its ``step``/``global_step`` entry if it has one, else the last
-    number in its file name. ``params`` is a regex selecting tensors by name.
+    number in its file name. ``params`` is a regex selecting tensors by name. Values are stored
+    as float32 (exact for float16 and bfloat16), or float64 when any imported tensor is float64.
     """
+    import torch
+
     tags = _check_run(run_id, tags)
     folder = Path(source)
-    if not folder.is_dir():
-        raise ImportFailedError(f"Expected a folder of checkpoints at {str(folder)!r}.")
-    files = sorted(p for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-    if not files:
-        raise ImportFailedError(
-            f"No checkpoints ({', '.join(CHECKPOINT_SUFFIXES)}) in {str(folder)!r}."
-        )
-    try:
-        pattern = re.compile(params) if params else None
-    except re.error as exc:
-        raise ImportFailedError(f"Invalid params regex {params!r}: {exc}.") from exc
+    files = _checkpoint_files(folder)
+    pattern = _params_pattern(params)
     loaded = []
     for path in files:
-        tensors, step = _load_state_dict(path)
-        step = _step_of(path) if step is None else step
-        if step is None:
-            raise ImportFailedError(
-                f"Cannot tell the step of {path.name!r}: no step entry and no number in its name."
-            )
-        if not 0 <= step < 2**63:  # the store's steps are int64 and never negative
-            raise ImportFailedError(
-                f"Invalid step {step} of {path.name!r}; expected 0 <= step < 2**63."
-            )
-        loaded.append((step, path, tensors))
+        obj = _load(path)
+        loaded.append((_step(path, obj), path, _state_dict(path, obj)))
     loaded.sort(key=lambda item: item[0])
     steps = [s for s, _, _ in loaded]
     if len(set(steps)) != len(steps):
         raise ImportFailedError(f"Two checkpoints in {str(folder)!r} share a step: {steps}.")
-    first = loaded[0][2]
-    names = [
-        n for n in first if (pattern is None or pattern.search(n)) and first[n].is_floating_point()
-    ]
-    if not names:
-        raise ImportFailedError(f"No floating-point tensor matches params={params!r}.")
+    first_path, first = loaded[0][1:]
+    names, kind = _select(first_path, first, pattern, params)
+    _check_layout(loaded, names)
+    dtype = "float64" if any(first[n].dtype == torch.float64 for n in names) else "float32"
     table, offset = [], 0
     for n in names:
         table.append(
@@ -260,29 +402,24 @@ def import_torch(
                 "name": n,
                 "offset": offset,
                 "shape": list(first[n].shape),
-                "dtype": str(first[n].dtype).removeprefix("torch."),
+                "dtype": _dtype_name(first[n]),
             }
         )
         offset += first[n].numel()
 
     def rows():
-        import torch
-
-        for step, path, tensors in loaded:
-            for n, entry in zip(names, table, strict=True):
-                if n not in tensors or list(tensors[n].shape) != entry["shape"]:
-                    raise ShapeChangedError(
-                        f"Checkpoint {path.name!r} has tensor {n!r} with another shape or none; "
-                        "all checkpoints of a run must share one layout."
-                    )
-            flat = torch.cat([tensors[n].detach().reshape(-1).to(torch.float32) for n in names])
+        for step, _, tensors in loaded:
+            flat = torch.cat(
+                [tensors[n].detach().reshape(-1).to(getattr(torch, dtype)) for n in names]
+            )
             yield np.array([step]), flat.numpy()[None, :]
 
     spec = SeriesSpec(
         layout.PARAMS,
         (offset,),
-        attrs={"kind": "full" if len(names) == len(first) else "subset", "tensors": table},
-        chunk_steps=_rows_per_chunk(offset * 4),
+        dtype=dtype,
+        attrs={"kind": kind, "tensors": table},
+        chunk_steps=_rows_per_chunk(offset * np.dtype(dtype).itemsize),
         row_dims=("param",),
     )
     metadata = {"tags": dict(tags or {}), "source": {"kind": "torch", "path": str(folder)}}
