@@ -412,18 +412,31 @@ def create_metric(name: str, params=None) -> Callable:
             raise PluginError(
                 f"Metric {name!r} (plugin {plugin!r}) failed: {type(exc).__name__}: {exc}"
             ) from exc
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if not (real and math.isfinite(value) and value >= 0):
+        distance = _real(value)
+        if distance is None or not (math.isfinite(distance) and distance >= 0):
             raise PluginError(
                 f"Metric {name!r} (plugin {plugin!r}) returned {value!r}; expected a distance, "
                 "a finite number >= 0."
             )
-        return float(value)
+        return distance
 
     return metric
 
 
-def run_tests(d, labels, conditions, test, metric, spectra, name="test"):
+def _real(value) -> float | None:
+    """``value`` as a float if it is one real number (a numpy scalar or 0-d array too), not a
+    bool, a string or a complex number; else None."""
+    if isinstance(value, bool | str | bytes) or np.ndim(value) != 0:
+        return None
+    if not isinstance(value, numbers.Real) and not np.isrealobj(value):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def run_tests(d, labels, conditions, test, metric, spectra, name):
     """Each pair of conditions tested on its sub-matrix of ``d``; returns p-values and results.
 
     A failure of the test ``name``, or a result that is not a ``TestResult`` with a p-value
@@ -452,10 +465,13 @@ def run_tests(d, labels, conditions, test, metric, spectra, name="test"):
                 f"Test {name!r} (plugin {_plugin_of('test', name)!r}) failed on {pair}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        value = getattr(result, "p_value", None)
-        if not isinstance(result, TestResult) or not (np.isnan(value) or 0 <= value <= 1):
+        value = _real(getattr(result, "p_value", None))
+        valid = value is not None and (np.isnan(value) or 0 <= value <= 1)
+        if not isinstance(result, TestResult) or not valid:
             shown = (
-                f"p-value {value!r}" if isinstance(result, TestResult) else type(result).__name__
+                f"p-value {result.p_value!r}"
+                if isinstance(result, TestResult)
+                else type(result).__name__
             )
             raise PluginError(
                 f"Test {name!r} (plugin {_plugin_of('test', name)!r}) returned {shown} for "

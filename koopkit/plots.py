@@ -136,8 +136,9 @@ def plot_comparison(comparison, path):
             p = shown[i, j]
             if not np.isnan(p):
                 text += f"\n{p_name}={p:.3g}"
-            # imshow masks NaN and Inf: the text of such a cell lies on the white axes
-            color = _text_color(image.cmap(image.norm(cell))) if np.isfinite(cell) else "k"
+            # imshow masks NaN and Inf: the text of such a cell lies on the axes' background
+            shade = image.cmap(image.norm(cell)) if np.isfinite(cell) else ax.get_facecolor()
+            color = _text_color(shade)
             ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
     if comparison.test_name is None or np.isnan(shown).all():
         ax.set_title("mean distances")

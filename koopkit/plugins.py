@@ -116,7 +116,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
         if pm.get_plugin(ep.name) is not None:
             warnings.warn(
                 f"Plugin {ep.name!r} of package {_package(ep)!r} has the name of plugin "
-                f"{ep.name!r} of package {_package_of(ep.name)!r}, loaded already, and was "
+                f"{ep.name!r} of package {_distribution(ep.name)[0]!r}, loaded already, and was "
                 "skipped; rename its entry point.",
                 PluginLoadWarning,
                 stacklevel=2,
@@ -145,10 +145,6 @@ def _skip(plugin_name: str, what: str, exc: Exception) -> None:
 def _package(ep) -> str | None:
     dist = getattr(ep, "dist", None)
     return None if dist is None else dist.metadata["Name"]
-
-
-def _package_of(plugin_name: str) -> str | None:
-    return _distribution(plugin_name)[0]
 
 
 def _distribution(plugin_name: str) -> tuple[str | None, str | None]:
@@ -189,12 +185,14 @@ def registry(kind: str) -> dict[str, Entry]:
                 return
             entries[name] = Entry(name, kind, factory, _plugin, _pkg, _ver, dict(info))
 
-        snapshot = dict(entries)
+        snapshot, clashes = dict(entries), dict(_CLASHES)
         try:
             impl.function(**{arg: register for arg in impl.argnames})
-        except Exception as exc:
+        except Exception as exc:  # nothing of this plugin stays, its clashes neither
             entries.clear()
             entries.update(snapshot)
+            _CLASHES.clear()
+            _CLASHES.update(clashes)
             _skip(plugin_name, f"failed to register {kind}s", exc)
     return entries
 
@@ -227,16 +225,35 @@ def add_commands(cli) -> None:
     pm = get_plugin_manager()
     for impl in pm.hook.koopkit_register_commands.get_hookimpls():
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
-        before = dict(cli.commands)
+        before = _commands(cli)
         try:
             impl.function(**{arg: cli for arg in impl.argnames})
-            replaced = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
+            after = _commands(cli)
+            replaced = sorted(
+                path
+                for path, (command, _) in before.items()
+                if after.get(path, (None,))[0] is not command
+            )
             if replaced:
                 raise PluginError(f"commands {replaced} would replace those of that name")
         except Exception as exc:
-            cli.commands.clear()
-            cli.commands.update(before)
+            for group, commands in before.values():
+                if commands is not None:
+                    group.commands.clear()
+                    group.commands.update(commands)
             _skip(plugin_name, "failed to add commands", exc)
+
+
+def _commands(group, path="") -> dict:
+    """Every command under a click group, by path ("import npy"): (command, a copy of its
+    subcommands if it is a group, else None); the group itself under its path."""
+    found = {path: (group, dict(group.commands))}
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            found.update(_commands(command, f"{path} {name}".strip()))
+        else:
+            found[f"{path} {name}".strip()] = (command, None)
+    return found
 
 
 def list_plugins() -> list[dict]:

@@ -195,6 +195,19 @@ class OddMetricPlugin:
         register("odd", lambda: metric)
 
 
+@pytest.mark.parametrize("value", [np.float32(0.25), np.array(0.25), np.int64(0)])
+def test_a_metric_may_return_a_numpy_scalar_or_0d_array(value):
+    pm = koopkit.plugins.get_plugin_manager()
+    pm.register(OddMetricPlugin(value), name="odd-plugin")
+    koopkit.plugins.registry.cache_clear()
+    try:
+        distance = koopkit.distance(Spectrum([0.5]), Spectrum([0.4]), metric="odd")
+        assert type(distance) is float and distance == float(value)
+    finally:
+        pm.unregister(name="odd-plugin")
+        koopkit.plugins.registry.cache_clear()
+
+
 @pytest.mark.parametrize(
     "value, message",
     [

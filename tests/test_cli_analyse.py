@@ -392,6 +392,8 @@ class _OddTest:
         (TestResult(0.0, 1.7, np.array([])), "returned p-value 1.7 for conditions 'a' and 'b'"),
         (TestResult(0.0, -0.2, np.array([])), "returned p-value -0.2"),
         ({"p_value": 0.5}, "returned dict for conditions 'a' and 'b'"),
+        (TestResult(0.0, None, np.array([])), "returned p-value None"),
+        (TestResult(0.0, True, np.array([])), "returned p-value True"),
         (KeyError("lost"), "failed on conditions 'a' and 'b': KeyError: 'lost'"),
     ],
 )
@@ -403,6 +405,12 @@ def test_a_test_that_fails_or_returns_no_p_value_is_named_with_its_plugin(
     assert result.exit_code == 1, result.output
     assert f"Test 'odd' (plugin 'throwaway-odd') {message}" in _one_error_line(result)
     assert not (store / "analyses").exists()
+
+
+def test_a_test_may_return_nan_where_it_has_no_p_value(cli_runner, store, register):
+    register("test", "odd", lambda: _OddTest(TestResult(0.0, float("nan"), np.array([]))))
+    result = cli_runner("compare", store, "--by", "cond", "--replicate", "seed", "--test", "odd")
+    assert result.exit_code == 0, result.output
 
 
 def test_compare_with_three_conditions_holm_corrects_only_calibrated(tmp_path):

@@ -211,8 +211,14 @@ def test_demo_refuses_an_existing_output_before_any_work(tmp_path, monkeypatch):
     (out / "optimizers.png").mkdir(parents=True)  # the figure could not be written
     with pytest.raises(FileExistsError, match="optimizers.png' already exists"):
         demo.run_demo(out, progress=lambda message: None)
+    with pytest.raises(FileExistsError, match="optimizers.png' already exists"):
+        demo.run_demo(tmp_path / "missing" / ".." / "demo", progress=lambda message: None)
+    (out / "summary.txt").symlink_to(tmp_path / "elsewhere.txt")  # dangling: still an output
+    (out / "optimizers.png").rmdir()
+    with pytest.raises(FileExistsError, match="summary.txt' already exists"):
+        demo.run_demo(out, progress=lambda message: None)
     assert called == []
-    assert sorted(p.name for p in out.iterdir()) == ["optimizers.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["summary.txt"]
 
 
 @pytest.mark.parametrize("existing", [False, True])

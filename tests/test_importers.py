@@ -19,6 +19,7 @@ from koopkit.errors import (
     ShapeChangedError,
 )
 from koopkit.store.importers import import_npy, import_torch
+from koopkit.store.location import open_root
 from koopkit.store.validate import validate_store
 
 
@@ -480,13 +481,17 @@ def test_a_refused_import_creates_no_store(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("existing", [False, True, "through a missing folder"])
 def test_a_failed_write_removes_the_store_it_created(tmp_path, monkeypatch, existing):
+    """Only a store this import created: not one it reached as missing/../s.zarr either."""
     _checkpoints(tmp_path / "ckpts", [0, 1])
     np.save(tmp_path / "x.npy", np.ones((3, 2)))
     url = tmp_path / "new" / "s.zarr"
-    if existing:
+    if existing is True:
         import_npy(tmp_path / "x.npy", url, "kept")
+    if existing == "through a missing folder":  # an empty store, reached another way
+        open_root(url, writable=True)
+        url = tmp_path / "new" / "missing" / ".." / "s.zarr"
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -496,8 +501,10 @@ def test_a_failed_write_removes_the_store_it_created(tmp_path, monkeypatch, exis
         import_torch(tmp_path / "ckpts", url, "a")
     with pytest.raises(OSError, match="No space"):
         import_npy(tmp_path / "x.npy", url, "b")
-    if existing:
+    if existing is True:
         assert _runs(url) == ["kept"] and validate_store(url) == ([], 1)
+    elif existing:
+        assert (tmp_path / "new" / "s.zarr" / "zarr.json").is_file()
     else:
         assert not (tmp_path / "new").exists()
 

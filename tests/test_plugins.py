@@ -166,6 +166,20 @@ def test_a_duplicate_name_fails_in_one_line_where_it_is_used(plugins, tmp_path):
     _clash(line[7:], "Metric", "wasserstein", "spectral_metrics", "impostor")
 
 
+class ClashesThenRaises:
+    @koopkit.hookimpl
+    def koopkit_register_metrics(self, register):
+        register("wasserstein", Constant)
+        raise RuntimeError("kaboom after the clash")
+
+
+def test_a_plugin_skipped_after_a_clash_leaves_the_name_to_the_other(plugins):
+    plugins(late=ClashesThenRaises())
+    with pytest.warns(PluginLoadWarning, match="'late' failed to register metrics"):
+        koopkit.plugins.registry("metric")
+    assert koopkit.plugins.lookup("metric", "wasserstein").plugin == "spectral_metrics"
+
+
 @pytest.mark.parametrize("name", ["has space", "a\nb", "--json", "-x", "none", "é"])
 def test_names_the_cli_could_not_show_or_select_are_refused(plugins, name):
     plugins(odd=Registers(metric={name: Constant}))
@@ -373,6 +387,16 @@ FAKE_PLUGINS = {
             def plugins():
                 click.echo("not koopkit's plugins")
         """,
+    "koopkit_fake_subcommand_replace.py": """\
+        import click
+        import koopkit
+
+        @koopkit.hookimpl
+        def koopkit_register_commands(cli):
+            @cli.commands["import"].command(name="npy")
+            def npy():
+                click.echo("not koopkit's import npy")
+        """,
 }
 
 
@@ -430,6 +454,7 @@ def test_a_plugin_breaking_or_replacing_commands_is_skipped_and_the_cli_works(tm
         tmp_path,
         raising="koopkit_fake_commands_raise",
         replacing="koopkit_fake_commands_replace",
+        nested="koopkit_fake_subcommand_replace",
         good="koopkit_fake_good",
     )
     done = koopkit_cli("--help", site=site)
@@ -440,6 +465,9 @@ def test_a_plugin_breaking_or_replacing_commands_is_skipped_and_the_cli_works(tm
         in done.stderr
     )
     assert "Plugin 'replacing' failed to add commands and was skipped: PluginError: " in done.stderr
+    assert "Plugin 'nested' failed to add commands" in done.stderr and "'import npy'" in done.stderr
+    npy = koopkit_cli("import", "npy", "--help", site=site)
+    assert npy.returncode == 0 and "not koopkit" not in npy.stdout
     listing = koopkit_cli("plugins", "--json", site=site)
     assert listing.returncode == 0 and {"half", "dmd"} <= {
         e["name"] for e in json.loads(listing.stdout)

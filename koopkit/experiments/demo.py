@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -101,9 +102,9 @@ def run_demo(out, quick: bool = False, progress=print) -> dict:
     Refuses before any work if one of its OUTPUTS exists, and a demo that fails removes what
     it created (the outputs and the folders it made), so the same command can run again.
     """
-    out = Path(out)
+    out = Path(out).resolve()  # "new/../d" would hide an existing d from the checks
     for name in OUTPUTS:
-        if (out / name).exists():
+        if os.path.lexists(out / name):  # a dangling link too: writing would follow it
             raise FileExistsError(
                 f"{str(out / name)!r} already exists; choose another --out or remove it."
             )
@@ -118,9 +119,9 @@ def run_demo(out, quick: bool = False, progress=print) -> dict:
 def _remove(out: Path, made: list[Path]) -> None:
     """Remove the outputs (none existed before the demo) and the folders it made, if empty."""
     for path in (out / name for name in OUTPUTS):
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
+        elif os.path.lexists(path):
             path.unlink()
     for folder in made:  # deepest first; one that holds anything else stays
         with contextlib.suppress(OSError):

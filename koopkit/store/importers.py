@@ -72,7 +72,9 @@ def _remove_run(store, made) -> None:
 
 def _missing_directories(store) -> list[Path]:
     """A local store's directory and those of its parents that do not exist yet, deepest first."""
-    missing, directory = [], local_path(store)
+    directory = local_path(store)
+    directory = None if directory is None else directory.resolve()  # "new/../s.zarr" is s.zarr
+    missing = []
     while directory is not None and not directory.exists():
         missing.append(directory)
         directory = directory.parent
@@ -228,7 +230,7 @@ def _load(path: Path):
     except OSError as exc:
         raise ImportFailedError(f"Cannot read {path.name!r}: {exc.strerror or exc}.") from exc
     if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
-        raise _unreadable(path, "it is neither a zip archive nor a pickle")
+        raise _unreadable(path, "it does not start as torch.save's zip archive or pickle does")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about legacy pickle protocols
