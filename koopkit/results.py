@@ -104,7 +104,9 @@ class Spectrum:
             data["amplitudes"] = ("mode", self.amplitudes)
         if self.residuals is not None:
             data["residuals"] = ("mode", self.residuals)
-        return xr.Dataset(data, attrs={"koopkit_meta": json.dumps(self.meta, default=str)})
+        # numpy scalars and arrays as the numbers they hold, anything else as text
+        plain = lambda v: v.tolist() if hasattr(v, "tolist") else str(v)  # noqa: E731
+        return xr.Dataset(data, attrs={"koopkit_meta": json.dumps(self.meta, default=plain)})
 
     @classmethod
     def from_dataset(cls, ds) -> Spectrum:

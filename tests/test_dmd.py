@@ -722,3 +722,36 @@ def test_residuals_do_not_depend_on_the_scale_of_the_data(rng):
 def test_an_invalid_device_is_refused(device):
     with pytest.raises(EstimationError, match=r"Expected device to be a torch device"):
         DMD(device=device)
+
+
+def test_eigenvalues_of_equal_modulus_come_in_one_order_whatever_the_method(rng):
+    data = decaying_modes(rng, [0.95, -0.95, 0.5, -0.5], [1, 1, 1, 1], 200, steps=60)
+    orders = {m: DMD(rank=4, method=m).fit(data).eigenvalues for m in ("gram", "qr", "svd")}
+    for eigenvalues in orders.values():
+        np.testing.assert_allclose(eigenvalues.real, [-0.95, 0.95, -0.5, 0.5], atol=1e-6)
+
+
+def test_parameters_are_set_and_checked_as_scikit_learn_expects(rng):
+    from sklearn.base import clone
+
+    estimator = DMD(rank=np.int64(4))
+    assert type(estimator.rank) is int  # plain JSON in the spectrum's meta
+    assert clone(estimator).get_params(deep=True) == estimator.get_params()
+    assert estimator.set_params(rank=3, method="qr") is estimator
+    assert (estimator.rank, estimator.method) == (3, "qr")
+    with pytest.raises(EstimationError, match="Expected rank to be"):
+        estimator.set_params(rank=-3)
+    with pytest.raises(EstimationError, match=r"Invalid parameters \['bogus'\]"):
+        estimator.set_params(bogus=1)
+    assert estimator.rank == 3
+    spectrum = DMD(rank=np.int64(2)).fit(decaying_modes(rng, [0.9, 0.5], [1, 1], 50, steps=30))
+    assert Spectrum.from_dataset(spectrum.to_dataset()).meta["params"]["rank"] == 2
+    numbers = Spectrum([0.5], meta={"a": np.float32(0.5), "b": np.int64(3), "c": np.arange(2)})
+    assert Spectrum.from_dataset(numbers.to_dataset()).meta == {"a": 0.5, "b": 3, "c": [0, 1]}
+
+
+def test_modes_are_read_only(rng):
+    data = decaying_modes(rng, [0.9, 0.5], [1, 1], 50, steps=30)
+    spectrum = DMD(rank=2, modes=True).fit(data)
+    with pytest.raises(ValueError, match="read-only"):
+        spectrum.get_modes()[0, 0] = 0

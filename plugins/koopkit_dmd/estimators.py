@@ -79,7 +79,7 @@ class _Estimator:
             raise EstimationError(
                 f"Expected method to be one of {choices}. Got {method!r} instead."
             )
-        self.rank = rank
+        self.rank = rank.item() if isinstance(rank, np.generic) else rank  # plain JSON
         self.center = bool(center)
         self.residuals = bool(residuals)
         self.amplitudes = bool(amplitudes)
@@ -88,10 +88,22 @@ class _Estimator:
         self.block_bytes = block_bytes
         self.method = method
 
-    def get_params(self) -> dict:
-        """The constructor's parameters, by name."""
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters, by name (``deep`` as scikit-learn's: no nested
+        estimators here)."""
         names = inspect.signature(type(self).__init__).parameters
         return {name: getattr(self, name) for name in names if name != "self"}
+
+    def set_params(self, **params):
+        """Change parameters, checked as the constructor checks them; returns the estimator."""
+        unknown = sorted(params.keys() - self.get_params().keys())
+        if unknown:
+            raise EstimationError(
+                f"Invalid parameters {unknown} for {type(self).__name__}; expected some of "
+                f"{', '.join(self.get_params())}."
+            )
+        self.__init__(**{**self.get_params(), **params})
+        return self
 
     def __repr__(self) -> str:
         params = ", ".join(f"{name}={value!r}" for name, value in self.get_params().items())
@@ -343,7 +355,9 @@ class DMD(_Estimator):
             ).view(np.complex128)  # (features, (delays + 1) rank), no copy
             if delays:
                 product = np.vstack(np.split(product, delays + 1, axis=1))
-            return fix_mode_phases(product, overwrite=True)
+            modes = fix_mode_phases(product, overwrite=True)
+            modes.setflags(write=False)  # the one cached array every caller gets
+            return modes
 
         return modes
 

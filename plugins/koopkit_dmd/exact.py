@@ -219,7 +219,10 @@ def _reduced_dmd(v, s, projected_y, residuals: bool) -> ExactDMD:
             f"have fewer than {s.size} nonzero singular values; lower the rank."
         )
     eigenvalues, left, right = scipy.linalg.eig(atilde, left=True, right=True)
-    order = np.lexsort((-np.angle(eigenvalues), -np.abs(eigenvalues)))
+    # moduli equal to 12 digits are one: +-0.95 in the same order whatever the method
+    modulus = np.abs(eigenvalues)
+    modulus = np.round(modulus / (modulus.max(initial=0.0) or 1.0), 12)
+    order = np.lexsort((-np.angle(eigenvalues), -modulus))
     eigenvalues, left, right = eigenvalues[order], left[:, order], right[:, order]
     return ExactDMD(
         eigenvalues=eigenvalues,
