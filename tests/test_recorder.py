@@ -2030,3 +2030,15 @@ def test_cuda_sketch_matches_the_cpu_sketch(memory_url, tiny_model, method):
         [p.detach().cpu() for p in model.parameters()], torch.empty(16)
     )
     np.testing.assert_allclose(stored, cpu.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_relative_store_path_stays_where_it_was_opened(tmp_path, monkeypatch, tiny_model):
+    """A training script may chdir after opening the Recorder; its rows must not follow."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model()
+    with koopkit.Recorder("runs.zarr", "r", model, flush_every_s=None) as rec:
+        monkeypatch.chdir(tmp_path / "sub")
+        train(model, rec, 5)
+    assert list((tmp_path / "sub").iterdir()) == []
+    assert read(str(tmp_path / "runs.zarr"))[0].tolist() == list(range(6))

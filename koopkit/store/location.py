@@ -23,7 +23,7 @@ def local_path(url) -> Path | None:
         text = text[len("file://") :]
     if "://" in text or text.endswith(".zip"):
         return None
-    return Path(text)
+    return Path(text).absolute()  # a training script may chdir after opening the store
 
 
 def _existing_directory(url, path: Path) -> Path:
