@@ -126,3 +126,18 @@ def run_koopkit(run_python):
     """Run the ``koopkit`` command in a fresh interpreter: ``run_koopkit(*args, env=None)``."""
     launcher = "import sys; from koopkit.cli import main; sys.argv[0] = 'koopkit'; main()"
     return lambda *args, **kwargs: run_python("-c", launcher, *map(str, args), **kwargs)
+
+
+@pytest.fixture
+def zip_directory():
+    """``zip_directory(folder, target)``: a zip of the folder's files, as a zipped store is."""
+    import zipfile
+
+    def make(directory, target):
+        with zipfile.ZipFile(target, "w") as zf:
+            for path in sorted(directory.rglob("*")):
+                if path.is_file():
+                    zf.write(path, path.relative_to(directory).as_posix())
+        return target
+
+    return make

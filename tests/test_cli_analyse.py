@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import shutil
-import zipfile
 
 import numpy as np
 import pytest
@@ -119,19 +118,11 @@ def test_spectrum_bad_figure_fails_before_any_estimation(cli_runner, store, tmp_
     assert not (store / "analyses").exists()
 
 
-def _zipped(store, target):
-    with zipfile.ZipFile(target, "w") as zf:
-        for path in sorted(store.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(store).as_posix())
-    return target
-
-
 @pytest.mark.parametrize("command", ["compare", "spectrum"])
 def test_a_store_that_cannot_be_saved_into_fails_before_any_estimation(
-    cli_runner, store, tmp_path, command
+    cli_runner, store, tmp_path, command, zip_directory
 ):
-    zipped = _zipped(store, tmp_path / "runs.zip")
+    zipped = zip_directory(store, tmp_path / "runs.zip")
     extra = ["--by", "cond", "--replicate", "seed"] if command == "compare" else []
     result = cli_runner(command, zipped, *extra, "-o", tmp_path / "fig.png")
     assert result.exit_code == 1, result.output
@@ -156,10 +147,12 @@ def test_a_store_without_write_permission_fails_before_any_estimation(
     assert cli_runner("spectrum", store, "--no-save").exit_code == 0
 
 
-def test_compare_refuses_to_save_into_a_zip_before_any_estimation(store, tmp_path, monkeypatch):
+def test_compare_refuses_to_save_into_a_zip_before_any_estimation(
+    store, tmp_path, monkeypatch, zip_directory
+):
     from koopkit import pipeline
 
-    zipped = _zipped(store, tmp_path / "runs.zip")
+    zipped = zip_directory(store, tmp_path / "runs.zip")
     monkeypatch.setattr(pipeline, "estimate_groups", lambda *a, **k: pytest.fail("estimated"))
     with pytest.raises(StoreError, match="save=False"):
         koopkit.compare(zipped, "cond", replicate="seed")

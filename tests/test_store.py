@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-import zipfile
 
 import numpy as np
 import pytest
@@ -316,17 +315,9 @@ def test_memory_store_records_and_reads_in_process(memory_url):
     assert validate_store(memory_url) == ([], 1)
 
 
-def _zip_directory(directory, target):
-    with zipfile.ZipFile(target, "w") as zf:
-        for path in sorted(directory.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(directory).as_posix())
-    return target
-
-
-def test_zipped_directory_store_opens(recorded, tmp_path):
+def test_zipped_directory_store_opens(recorded, tmp_path, zip_directory):
     url, history = recorded
-    target = _zip_directory(url, tmp_path / "runs.zip")
+    target = zip_directory(url, tmp_path / "runs.zip")
     store = koopkit.open_store(target)
     assert list(store.runs) == [RUN, "fcn/h5/seed1"]
     np.testing.assert_array_equal(np.asarray(store.array(RUN)), history)
@@ -335,8 +326,8 @@ def test_zipped_directory_store_opens(recorded, tmp_path):
     assert validate_store(target) == ([], 2)
 
 
-def test_zip_stores_are_read_only(recorded, tmp_path):
-    target = _zip_directory(recorded[0], tmp_path / "runs.zip")
+def test_zip_stores_are_read_only(recorded, tmp_path, zip_directory):
+    target = zip_directory(recorded[0], tmp_path / "runs.zip")
     with pytest.raises(StoreError, match="zip"):
         RunWriter(target, "new")
     with pytest.raises(NotAStoreError):
