@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ class Spectrum:
     residuals : (r,) float array, optional
         ResDMD residual of each eigenpair; large values flag spurious eigenvalues.
     modes : (features, r) array or callable, optional
-        DMD modes, or a zero-argument callable that computes them on demand.
+        DMD modes, or a zero-argument callable that computes them on demand (a module-level
+        class rather than a closure, for the spectrum to pickle).
     meta : mapping
         Provenance: estimator name and parameters, rank, input runs.
     """
@@ -56,6 +57,10 @@ class Spectrum:
                 raise ValueError(
                     f"Expected {name} of shape {self.eigenvalues.shape}. Got {value.shape} instead."
                 )
+
+    def __reduce__(self):
+        """Unpickled through the constructor, so the copy's arrays are read-only too."""
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))
 
     @property
     def rank(self) -> int:

@@ -365,6 +365,31 @@ def test_a_third_party_test_without_the_attribute_is_a_p_value(store, register):
     assert result.p_value[0, 1] == result.p_value_holm[0, 1] == 0.02  # one pair: Holm is p
 
 
+def test_saved_analyses_record_the_package_and_version_of_each_plugin(cli_runner, store, register):
+    register("test", "half", _HalfTest)  # registered in-process: no distribution provides it
+    spectrum = cli_runner("spectrum", store, "--where", "cond=a", "--rank", "2")
+    assert spectrum.exit_code == 0, spectrum.output
+    args = ("compare", store, "--by", "cond", "--replicate", "seed", "--test", "half")
+    compare = cli_runner(*args)
+    assert compare.exit_code == 0, compare.output
+    attrs = {
+        group.attrs["kind"]: group.attrs.asdict()
+        for _, group in koopkit.open_store(store).root["analyses"].groups()
+    }
+    assert attrs["comparison"]["plugin_packages"] == {
+        "estimator:dmd": "koopkit",
+        "metric:wasserstein": "koopkit",
+        "test:half": None,
+    }
+    listed = {f"{e['kind']}:{e['name']}": e for e in koopkit.plugins.list_plugins()}
+    for analysis in attrs.values():  # what ``koopkit plugins --json`` says of each
+        used = analysis["plugin_packages"]
+        assert used == {key: listed[key]["package"] for key in used}
+        assert analysis["plugins"] == {key: listed[key]["version"] for key in used}
+    assert set(attrs["spectrum"]["plugins"]) == {"estimator:dmd"}
+    assert cli_runner("validate", store).exit_code == 0
+
+
 class _OddTest:
     """Returns ``value`` (or raises it, if it is an exception) for every pair."""
 

@@ -221,6 +221,43 @@ def test_second_writer_in_another_process_is_refused(
     RunWriter(url, RUN).close()  # free again
 
 
+FORK_AND_WAIT = """
+import os, sys, time
+from koopkit.store.writer import RunWriter
+writer = RunWriter(sys.argv[1], "r")
+child = os.fork()
+if child == 0:  # a DataLoader worker, say: here it outlives its parent
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_writer(tmp_path):
+    """flock belongs to the open file, which a fork shares: without care a child would hold
+    the run after its parent was SIGKILLed, and every later writer be refused."""
+    url = tmp_path / "s.zarr"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORK_AND_WAIT, str(url)], stdout=subprocess.PIPE, text=True
+    )
+    child = int(parent.stdout.readline())
+    try:
+        with pytest.raises(RunLockedError):
+            RunWriter(url, "r")  # the parent holds it
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        os.kill(child, 0)  # the child lives on...
+        RunWriter(url, "r").close()  # ...and holds nothing
+    finally:
+        for pid in (parent.pid, child):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        parent.communicate(timeout=30)
+
+
 def test_two_processes_record_different_runs_into_one_store(
     helper_path, children, tmp_path, reference
 ):

@@ -17,6 +17,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+import zarr
 from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -497,6 +498,20 @@ def test_a_group_of_runs_is_not_a_run(memory_url, tiny_model):
     store = koopkit.open_store(memory_url)
     assert list(store.runs) == ["x/y"]
     assert store.root["runs/x"].attrs.asdict() == {}
+
+
+def test_a_run_group_a_killed_writer_left_undescribed_is_recorded_into(tmp_path, tiny_model):
+    """An empty group without attributes at the run's path (a writer killed between making
+    it and describing it) is taken as the new run; one holding runs is still refused."""
+    url = tmp_path / "s.zarr"
+    with koopkit.Recorder(url, "other", tiny_model()):
+        pass
+    zarr.open_group(str(url), mode="r+").create_group("runs/left")
+    with koopkit.Recorder(url, "left", tiny_model()) as rec:
+        rec.step()
+    store = koopkit.open_store(url)
+    assert store.run("left").committed("params") == 2
+    assert validate_store(url) == ([], 2)
 
 
 def test_a_run_inside_a_run_is_refused(memory_url, tiny_model):

@@ -494,10 +494,26 @@ def test_validation_catches_corruption(copy, name):
 
 
 def test_series_not_yet_committed_is_ignored(copy):
-    """A series that committed_steps does not list is still being created: not an error."""
+    """A series that committed_steps does not list is still being created: not an error, and
+    not shown to readers."""
     _series_not_committed(copy)
     assert validate_store(copy) == ([], 2)
-    assert "grads" in koopkit.open_store(copy).run(RUN).series
+    assert "grads" not in koopkit.open_store(copy).run(RUN).series
+    assert "grads" not in koopkit.open_run(copy, RUN).children
+
+
+def test_a_series_a_killed_writer_was_creating_is_not_shown(copy):
+    """SIGKILL between creating a series' group and its arrays: every reader skips it."""
+    zarr.open_group(str(copy), mode="r+")[f"runs/{RUN}/probes"].create_group(
+        "half", attributes={layout.NAMESPACE: layout.node_block("series")}
+    )
+    assert validate_store(copy) == ([], 2)
+    store = koopkit.open_store(copy)
+    assert "probes/half" not in store.run(RUN).series
+    assert "probes/logits" in store.run(RUN).series
+    tree = koopkit.open_run(copy, RUN)
+    assert "half" not in tree["probes"].children
+    assert np.array_equal(tree["params"]["value"].values, store.trajectory(RUN)[:])
 
 
 def test_validation_reports_an_unreadable_node(copy):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import koopkit
 from koopkit.results import Spectrum
 from koopkit.testing import (
     EIGENVALUES,
@@ -121,6 +122,17 @@ def test_installed_package_is_discovered_and_runs(example_site, tmp_path):
     # The package's own tests, which use koopkit.testing, pass where it is installed.
     tests = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], site, cwd=source)
     assert tests.returncode == 0, tests.stdout + tests.stderr
+
+
+def test_a_saved_analysis_records_the_installed_package(example_site, tmp_path):
+    _, site = example_site
+    store = tmp_path / "runs.zarr"
+    write_store(store, {"a": linear_trajectories()[0]})
+    done = run([*KOOPKIT, "spectrum", str(store), "--estimator", "lstsq-dmd", "--rank", "4"], site)
+    assert done.returncode == 0, done.stderr
+    ((_, analysis),) = koopkit.open_store(store).root["analyses"].groups()
+    assert analysis.attrs["plugins"] == {"estimator:lstsq-dmd": "0.1.0"}
+    assert analysis.attrs["plugin_packages"] == {"estimator:lstsq-dmd": "koopkit-plugin-example"}
 
 
 def test_disabling_the_installed_plugin(example_site):

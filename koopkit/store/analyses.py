@@ -21,13 +21,13 @@ from .location import open_root
 from .writer import now
 
 
-def _plugin_versions(*kinds_names) -> dict:
-    versions = {}
-    for kind, name in kinds_names:
-        if name:
-            entry = lookup(kind, name)
-            versions[f"{kind}:{name}"] = entry.version
-    return versions
+def _plugins(*kinds_names) -> dict:
+    """What provided each name used, as ``koopkit plugins`` lists it: version and package."""
+    entries = {f"{kind}:{name}": lookup(kind, name) for kind, name in kinds_names if name}
+    return {
+        "plugins": {key: entry.version for key, entry in entries.items()},
+        "plugin_packages": {key: entry.package for key, entry in entries.items()},
+    }
 
 
 def _inputs(store, run_ids, series) -> list[dict]:
@@ -97,7 +97,7 @@ def save_spectra(url, results, *, estimator, store, series="params") -> str:
     """Write a list of pipeline ``SpectrumResult``s as a ``spectrum`` analysis."""
     runs = [r for result in results for r in result.group.runs]
     attrs = _base_attrs("spectrum", estimator, _inputs(store, runs, series))
-    attrs["plugins"] = _plugin_versions(("estimator", estimator[0]))
+    attrs.update(_plugins(("estimator", estimator[0])))
     spectra = [
         {
             "attrs": {
@@ -121,9 +121,7 @@ def save_comparison(
     attrs.update(
         {
             "metric": {"name": metric[0], "params": dict(metric[1] or {})},
-            "plugins": _plugin_versions(
-                ("estimator", estimator[0]), ("metric", metric[0]), ("test", test[0])
-            ),
+            **_plugins(("estimator", estimator[0]), ("metric", metric[0]), ("test", test[0])),
             "conditions": [str(c) for c in comparison.conditions],
             "by": by,
             "replicate": replicate,

@@ -146,7 +146,9 @@ def _is_run(attrs: dict) -> bool:
     return isinstance(block, dict) and block.get("node") == "run"
 
 
-def _series_paths(nodes, run_path: str) -> tuple[str, ...]:
+def _series_paths(nodes, run_path: str, committed) -> tuple[str, ...]:
+    """The run's series, less those its writer was still creating when it died: a series is
+    listed in ``committed_steps`` by the first commit after it was made (whole)."""
     paths = []
     for kind in layout.VECTOR_SERIES:
         if nodes.contains(f"{run_path}/{kind}"):
@@ -154,6 +156,8 @@ def _series_paths(nodes, run_path: str) -> tuple[str, ...]:
     for kind in (layout.SCALARS, layout.PROBES):
         if nodes.contains(f"{run_path}/{kind}"):
             paths.extend(f"{kind}/{name}" for name, _ in nodes.groups(f"{run_path}/{kind}"))
+    if isinstance(committed, dict):
+        paths = [path for path in paths if path in committed]
     return tuple(paths)
 
 
@@ -224,7 +228,9 @@ class TrajectoryStore:
             runs = {}
             if self.nodes.contains(layout.RUNS):
                 for run_id, path, attrs in self._walk(layout.RUNS, ""):
-                    runs[run_id] = RunInfo(run_id, attrs, _series_paths(self.nodes, path))
+                    runs[run_id] = RunInfo(
+                        run_id, attrs, _series_paths(self.nodes, path, attrs.get("committed_steps"))
+                    )
             self._runs = runs
         return self._runs
 

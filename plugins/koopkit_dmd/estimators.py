@@ -331,34 +331,71 @@ class DMD(_Estimator):
             factor = hankel_factor(factor, trajectories.lengths, delays)
         return exact_dmd(factor, lengths, self.rank, features, noise=noise, **options)
 
-    def _lazy_modes(self, trajectories: Trajectories, dmd: ExactDMD):
-        """A callable computing the exact modes ``Y V S^{-1} W`` in one pass, once."""
+    def _lazy_modes(self, trajectories: Trajectories, dmd: ExactDMD) -> _LazyModes:
+        """The exact modes ``Y V S^{-1} W``, with the options of this fit, computed when asked."""
         delays, rank = self.delays, dmd.eigenvalues.size
         lengths = embedded_lengths(trajectories.lengths, delays)
         _, y = snapshot_pairs(lengths)
-        oldest_rows = delay_window_starts(trajectories.lengths, delays)[y]
         # Real and imaginary parts interleaved, so the real product is the complex modes.
         coefficients = np.empty((y.size, 2 * rank))
         coefficients[:, 0::2] = dmd.mode_coefficients.real
         coefficients[:, 1::2] = dmd.mode_coefficients.imag
+        return _LazyModes(
+            trajectories,
+            delay_window_starts(trajectories.lengths, delays)[y],
+            coefficients,
+            delays=delays,
+            center=self.center,
+            device=self.device,
+            block_bytes=self.block_bytes,
+        )
 
-        @functools.cache
-        def modes() -> np.ndarray:
-            # Delay block d of a mode sums the snapshots d steps after each y's oldest one.
-            weights = np.zeros((trajectories.steps, (delays + 1) * 2 * rank))
-            for d in range(delays + 1):
-                weights[oldest_rows + d, d * 2 * rank : (d + 1) * 2 * rank] = coefficients
-            if self.center:  # Z_c^T M = Z^T P M
-                weights -= weights.mean(axis=0)
-            product = streamed_product(
-                trajectories, weights, device=self.device, block_bytes=self.block_bytes
-            ).view(np.complex128)  # (features, (delays + 1) rank), no copy
-            if delays:
-                product = np.vstack(np.split(product, delays + 1, axis=1))
-            modes = fix_mode_phases(product, overwrite=True)
-            modes.setflags(write=False)  # the one cached array every caller gets
-            return modes
 
+class _LazyModes:
+    """Exact DMD modes computed in one pass over the data on the first call, then kept.
+
+    A class rather than a closure so that a Spectrum holding it pickles (multiprocessing, dask).
+    """
+
+    def __init__(
+        self, trajectories, oldest_rows, coefficients, *, delays, center, device, block_bytes
+    ):
+        self.trajectories = trajectories
+        self.oldest_rows = oldest_rows  # the oldest snapshot in each y's delay window
+        self.coefficients = coefficients
+        self.delays = delays
+        self.center = center
+        self.device = device
+        self.block_bytes = block_bytes
+        self._modes = None
+
+    def __call__(self) -> np.ndarray:
+        """The modes, ``((delays + 1) features, r)``: the same read-only array on every call."""
+        if self._modes is None:
+            self._modes = self._compute()
+        return self._modes
+
+    def __setstate__(self, state):
+        """Unpickled arrays are writable; the cached modes every caller shares must not be."""
+        self.__dict__.update(state)
+        if self._modes is not None:
+            self._modes.setflags(write=False)
+
+    def _compute(self) -> np.ndarray:
+        delays, width = self.delays, self.coefficients.shape[1]
+        # Delay block d of a mode sums the snapshots d steps after each y's oldest one.
+        weights = np.zeros((self.trajectories.steps, (delays + 1) * width))
+        for d in range(delays + 1):
+            weights[self.oldest_rows + d, d * width : (d + 1) * width] = self.coefficients
+        if self.center:  # Z_c^T M = Z^T P M
+            weights -= weights.mean(axis=0)
+        product = streamed_product(
+            self.trajectories, weights, device=self.device, block_bytes=self.block_bytes
+        ).view(np.complex128)  # (features, (delays + 1) rank), no copy
+        if delays:
+            product = np.vstack(np.split(product, delays + 1, axis=1))
+        modes = fix_mode_phases(product, overwrite=True)
+        modes.setflags(write=False)  # the one cached array every caller gets
         return modes
 
 
