@@ -239,3 +239,26 @@ def test_resuming_removes_what_a_killed_write_left(tmp_path):
     run.add_series(SeriesSpec("s", (7,), chunk_steps=2, row_dims=("param",)))
     run.close()
     assert not left.exists() and kept.exists()
+
+
+def test_rows_are_in_their_files_before_a_plain_reader_sees_the_array_grow(tmp_path, monkeypatch):
+    """A plain zarr reader of a live run sees each array grow only once its rows are on disk,
+    so never the fill value in their place."""
+    url = tmp_path / "s.zarr"
+    run = RunWriter(url, "r")
+    run.add_series(SeriesSpec("params", (3,), chunk_steps=2, row_dims=("param",)))
+    seen = []
+    append = ChunkFiles.append
+
+    def spying(self, start, rows):
+        array = zarr.open_array(self.directory, mode="r")
+        seen.append((os.path.basename(self.directory), start, array.shape[0]))
+        append(self, start, rows)
+
+    monkeypatch.setattr(ChunkFiles, "append", spying)
+    rows = np.arange(15, dtype=np.float32).reshape(5, 3)
+    run.append("params", np.arange(5), rows)
+    run.close()
+    assert seen == [(name, start, start) for start in (0, 2, 4) for name in ("value", "step")]
+    params = zarr.open_array(url / "runs/r/params/value", mode="r")
+    np.testing.assert_array_equal(params[:], rows)

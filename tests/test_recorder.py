@@ -929,6 +929,23 @@ def test_on_full_drop_counts_what_it_drops(memory_url, tiny_model, monkeypatch):
     assert validate_store(memory_url)[0] == []
 
 
+def test_dropped_snapshots_are_counted_in_the_store_before_close(tmp_path, tiny_model, monkeypatch):
+    """A run still recording (or killed) says how many snapshots it dropped so far."""
+    model, url = tiny_model(), tmp_path / "s.zarr"
+    _slow_append(monkeypatch, 0.05)
+    budget = 2 * row_bytes(model)  # chunk_steps = 1: every row written is committed
+    with koopkit.Recorder(url, "r", model, on_full="drop", max_inflight_bytes=budget) as rec:
+        train(model, rec, 30)
+        deadline = time.monotonic() + 30
+        while True:  # the writer commits what is in flight; the last commit counts every drop
+            run = koopkit.open_store(url).run("r")
+            if run.committed("params") + run.attrs["dropped"] == 31:
+                break
+            assert time.monotonic() < deadline, run.attrs
+            time.sleep(0.05)
+        assert run.status == "recording" and run.attrs["dropped"] > 0
+
+
 def test_on_full_block_loses_nothing(memory_url, tiny_model, monkeypatch):
     model = tiny_model()
     _slow_append(monkeypatch, 0.01)
@@ -1045,7 +1062,7 @@ class FailingMemoryFS(MemoryFileSystem):
 def failing_url(request):
     fsspec.register_implementation("failmem", FailingMemoryFS, clobber=True)
     FailingMemoryFS.disarm()
-    url = f"failmem://{request.node.name}"
+    url = f"failmem://{request.node.name.translate({ord('['): '-', ord(']'): None})}"  # no globs
     yield url
     FailingMemoryFS.disarm()
     FailingMemoryFS.log.clear()
@@ -1104,6 +1121,21 @@ def test_write_failure_raises_once_and_keeps_committed_rows(failing_url, tiny_mo
     store = _check_committed(failing_url, history)
     assert store.steps("r").size >= 6  # everything committed before the failure is kept
     assert store.run("r").status == "interrupted"
+
+
+@pytest.mark.parametrize("nth", [1, 2, 3, 4])
+def test_a_store_that_refuses_writes_at_open_is_one_write_failed_error(
+    failing_url, tiny_model, nth
+):
+    """A full disk while the store, the run or its first series is made: the same error as
+    later in the run, and no run left half made."""
+    FailingMemoryFS.arm(nth)
+    with pytest.raises(WriteFailedError, match="injected"):
+        koopkit.Recorder(failing_url, "r", tiny_model()).open()
+    FailingMemoryFS.disarm()
+    if FailingMemoryFS.store:  # the root was made: the store is valid, without the run
+        assert validate_store(failing_url)[0] == []
+        assert "r" not in koopkit.open_store(failing_url).runs
 
 
 def test_write_failure_with_on_error_warn_lets_training_continue(failing_url, tiny_model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import types
 import warnings
 
 import numpy as np
@@ -265,6 +266,29 @@ def test_rows_that_waited_flush_every_s_are_committed(memory_url, tmp_path, tiny
     np.testing.assert_array_equal(np.asarray(store.array("r")), loop.expected(every))
     assert store.steps("r", "scalars/loss").tolist() == list(range(26))
     assert validate_store(url)[0] == []
+
+
+def test_rows_are_handed_off_as_soon_as_they_waited_flush_every_s(
+    memory_url, tiny_model, monkeypatch
+):
+    """The first step after a row's deadline hands it off, not one up to a quarter of the
+    interval later."""
+    from koopkit.record import recorder
+
+    now = [100.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0])
+    monkeypatch.setattr(recorder, "time", clock)
+    monkeypatch.setattr(transfer, "time", clock)
+    model = tiny_model()
+    loop = Loop(model)
+    with koopkit.Recorder(memory_url, "r", model, every=100, flush_every_s=1.0) as rec:
+        for t in (100.3, 100.9):  # the initial snapshot waits from 100.0
+            now[0] = t
+            loop.run(rec, 1)
+        assert _committed(memory_url) == 0
+        now[0] = 101.01
+        loop.run(rec, 1)
+        assert _wait_committed(memory_url, "params", 1)
 
 
 def test_flush_every_s_none_waits_for_whole_chunk_rows(memory_url, tiny_model):

@@ -545,6 +545,7 @@ class Recorder:
             "initial": bool(self.initial),
         }
         self._writer = RunWriter(self.store, self.run_id, metadata, resume=self.resume)
+        self._dropped_before = int(self._writer.attrs.get("dropped", 0))
         self._thread = WriterThread(self._writer)
         self._pager = Pager()
         try:
@@ -571,12 +572,11 @@ class Recorder:
         """Flush everything, write the final status and release the run."""
         if self._writer is None:
             return
-        dropped = sum(s.dropped for s in self._vectors.values())
+        self._count_dropped()
         writer = self._detach()
         error = self._thread.error
         if error is None:
             try:
-                writer.set(dropped=int(writer.attrs.get("dropped", 0)) + dropped)
                 writer.close(status)
             except Exception as exc:
                 error = exc
@@ -721,6 +721,14 @@ class Recorder:
             if path == layout.GRADS:
                 self._check_grads(step)
             stream.capture(step, self._fillers[path])
+        self._count_dropped()
+
+    def _count_dropped(self) -> None:
+        """Keep the run's ``dropped`` current, so each commit writes it (a reader sees the
+        gaps of a run still recording, or of one that died)."""
+        dropped = self._dropped_before + sum(s.dropped for s in self._vectors.values())
+        if dropped != self._writer.attrs.get("dropped"):
+            self._writer.set(dropped=dropped)
 
     def _follow_stream(self) -> None:
         """Where the loop's current stream changed since the last snapshot, make it wait
@@ -994,14 +1002,17 @@ class Recorder:
         return [_dense_grad(p) for _, p in self._chosen]
 
     def _flush_stale(self):
-        """Hand off the buffers whose oldest row waited ``flush_every_s``; checked a few
-        times per interval, so a step costs one clock read."""
+        """Hand off the buffers whose oldest row waited ``flush_every_s``; checked when the
+        first of them is due, so a step costs one clock read."""
         now = time.monotonic()
         if now < self._flush_due or self._writer is None or self._disabled:
             return
-        self._flush_due = now + self.flush_every_s / 4
+        due = now + self.flush_every_s  # a row captured from now on is due later than this
         for stream in self._streams():
             stream.flush_if_older(now - self.flush_every_s)
+            if stream.steps:
+                due = min(due, stream.since + self.flush_every_s)
+        self._flush_due = due
 
     def _check_grads(self, step):
         """Warn once when no selected parameter has a gradient at a snapshot after the start:

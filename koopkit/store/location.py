@@ -11,7 +11,13 @@ import os
 import time
 from pathlib import Path
 
-from ..errors import FormatVersionError, NotAStoreError, StoreError
+from ..errors import (
+    FormatVersionError,
+    KoopkitError,
+    NotAStoreError,
+    StoreError,
+    WriteFailedError,
+)
 from . import layout
 from .nodes import LocalNodes
 
@@ -96,13 +102,21 @@ def open_root(url, *, writable: bool = False):
     the one that loses the race finds the other's root document (or reads it half-written)
     and opens it on a later try.
     """
-    for wait in (0.01, 0.03, 0.1, 0.3) if writable else ():
-        try:
-            return _drop_snapshot(_open_root(url, writable, racing=True), url)
-        except ValueError:  # zarr's ContainsGroupError, or a root document being written
-            time.sleep(wait)
-    group = _open_root(url, writable)
-    return _drop_snapshot(group, url) if writable else group
+    if not writable:
+        return _open_root(url, writable)
+    try:
+        for wait in (0.01, 0.03, 0.1, 0.3):
+            try:
+                return _drop_snapshot(_open_root(url, writable, racing=True), url)
+            except ValueError:  # zarr's ContainsGroupError, or a root document being written
+                time.sleep(wait)
+        return _drop_snapshot(_open_root(url, writable), url)
+    except OSError as exc:
+        if isinstance(exc, KoopkitError):
+            raise
+        raise WriteFailedError(
+            f"Cannot write into store {os.fspath(url)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _drop_snapshot(group, url):
@@ -127,7 +141,11 @@ def _open_root(url, writable: bool, racing: bool = False):
     store = _zarr_store(url, writable=writable)
     try:
         group = zarr.open_group(
-            store, mode="r" if not writable else "a", zarr_format=3, use_consolidated=False
+            store,
+            mode="r" if not writable else "a",
+            zarr_format=3,
+            use_consolidated=False,
+            attributes=layout.root_attrs() if writable else None,  # a new root, in one write
         )
     except (FileNotFoundError, KeyError) as exc:
         raise NotAStoreError(f"No koopkit store at {os.fspath(url)!r}.") from exc
@@ -135,6 +153,8 @@ def _open_root(url, writable: bool, racing: bool = False):
         raise
     except Exception as exc:  # zarr raises many types for unreadable input
         if racing and isinstance(exc, ValueError):
+            raise
+        if writable and isinstance(exc, OSError):  # a refused write: disk full, read-only
             raise
         raise NotAStoreError(
             f"{os.fspath(url)!r} is not a readable Zarr v3 store: {type(exc).__name__}: {exc}"

@@ -1,19 +1,37 @@
 """One writer per run: a second writer on the same run is refused, naming the holder.
 
 Local stores lock the run's directory with ``flock``, which the kernel releases when the
-holder dies (even by SIGKILL), so a crash never leaves a stale lock. Other stores (memory,
-fsspec URLs) are locked within this process only.
+holder dies (even by SIGKILL), so a crash never leaves a stale lock. A process forked while
+it holds one (a DataLoader worker) closes its copy of the descriptor at once: the lock would
+otherwise live on in the child after the writer died. Other stores (memory, fsspec URLs) are
+locked within this process only.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 from ..errors import RunLockedError
 
 _IN_PROCESS: set[tuple[str, str]] = set()
 _IN_PROCESS_GUARD = threading.Lock()
+_HELD: weakref.WeakSet = weakref.WeakSet()  # RunLocks holding a flock in this process
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child: close the descriptors the parent's locks hold (the parent keeps
+    its own, so its locks stand)."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            os.close(lock._fd)
+            lock._fd = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class RunLock:
@@ -33,6 +51,7 @@ class RunLock:
                 os.close(fd)
                 raise RunLockedError(self._refusal(run_id, describe_holder())) from None
             self._fd = fd
+            _HELD.add(self)
         else:
             with _IN_PROCESS_GUARD:
                 if self._key in _IN_PROCESS:
@@ -48,6 +67,7 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+            _HELD.discard(self)
         else:
             with _IN_PROCESS_GUARD:
                 _IN_PROCESS.discard(self._key)

@@ -8,6 +8,7 @@ writer that resumes a run first trims anything beyond it.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import socket
@@ -17,7 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import __version__
-from ..errors import InvalidRunIdError, RunExistsError, ShapeChangedError, WriteFailedError
+from ..errors import (
+    InvalidRunIdError,
+    KoopkitError,
+    RunExistsError,
+    ShapeChangedError,
+    WriteFailedError,
+)
 from . import layout
 from .chunk_files import ChunkFiles
 from .location import local_path, open_root
@@ -225,17 +232,19 @@ class SeriesWriter:
             self.nonfinite_count += len(flagged)
 
     def _write(self, steps, rows):
+        """Write rows past the end. Chunk files are written before the arrays grow, so a plain
+        zarr reader never sees the new rows as fill values; zarr itself writes only within
+        an array's shape."""
         start, stop = self.written, self.written + len(steps)
+        pairs = ((self.value, self.value_files, rows), (self.step, self.step_files, steps))
+        for _, files, values in pairs:
+            if files is not None:
+                files.append(start, values)
         self.value.resize((stop, *self.spec.row_shape))
         self.step.resize((stop,))
-        for array, files, values in (
-            (self.value, self.value_files, rows),
-            (self.step, self.step_files, steps),
-        ):
+        for array, files, values in pairs:
             if files is None:
                 array[start:stop] = values
-            else:
-                files.append(start, values)
         self.written = stop
 
     def append(self, steps, rows) -> bool:
@@ -286,6 +295,16 @@ class RunWriter:
     """
 
     def __init__(self, url, run_id: str, metadata: dict | None = None, *, resume: bool = True):
+        try:
+            self._open(url, run_id, metadata, resume)
+        except OSError as exc:  # the store refused a write while the run was being made
+            if isinstance(exc, KoopkitError):
+                raise
+            raise WriteFailedError(
+                f"Opening run {run_id!r} in {os.fspath(url)!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _open(self, url, run_id, metadata, resume):
         self.run_id = layout.check_run_id(run_id)
         metadata = dict(metadata or {})
         metadata["tags"] = layout.check_tags(metadata.get("tags"))
@@ -337,7 +356,7 @@ class RunWriter:
         self._refuse_nesting(root)  # again under the lock: a parent run may have appeared
         self._original_attrs = None
         self._new_groups = []  # groups this writer created, deepest first (see ``discard``)
-        if path in root:
+        if path in root and not _left_undescribed(root[path]):
             self.group = root[path]
             self.attrs = self.group.attrs.asdict()
             if (self.attrs.get(layout.NAMESPACE) or {}).get("node") != "run":
@@ -361,9 +380,8 @@ class RunWriter:
             self._new_groups = [
                 "/".join(parts[:depth])
                 for depth in range(len(parts), 1, -1)  # below runs/, deepest first
-                if "/".join(parts[:depth]) not in root
+                if depth == len(parts) or "/".join(parts[:depth]) not in root
             ]
-            self.group = root.create_group(path)
             self.attrs = {
                 layout.NAMESPACE: layout.node_block("run"),
                 "run_id": self.run_id,
@@ -377,6 +395,10 @@ class RunWriter:
                 **metadata,
                 "writer": writer,
             }
+            if path not in root:  # described as made: a writer killed here leaves a run
+                self.group = root.create_group(path, attributes=copy.deepcopy(self.attrs))
+                return
+            self.group = root[path]  # made, never described (see ``_left_undescribed``)
         self._save_attrs()
 
     def _refuse_nesting(self, root):
@@ -396,13 +418,19 @@ class RunWriter:
         self.group.attrs.put(self.attrs)  # one metadata write, replacing the whole mapping
 
     def add_series(self, spec: SeriesSpec) -> SeriesWriter:
-        """Create the series, or reopen it (trimmed to its committed rows) when resuming."""
+        """Create the series, or reopen it (trimmed to its committed rows) when resuming.
+
+        A new series is listed in ``committed_steps`` once it is whole, and readers show only
+        listed series: one a killed writer left half made stays hidden.
+        """
         with self._guard():
-            committed = self.attrs["committed_steps"].get(spec.path, 0)
+            committed = self.attrs["committed_steps"]
             directory = None if self.directory is None else self.directory / spec.path
-            series = SeriesWriter(self.group, spec, committed, directory)
+            series = SeriesWriter(self.group, spec, committed.get(spec.path, 0), directory)
             self.series[spec.path] = series
-            self.attrs["committed_steps"].setdefault(spec.path, series.written)
+            if spec.path not in committed:
+                committed[spec.path] = series.written
+                self._save_attrs()
         return series
 
     def append(self, path: str, steps, rows) -> None:
@@ -514,6 +542,12 @@ class RunWriter:
 
     def _guard(self):
         return _WriteGuard(self.url, self.run_id, self._mutex)
+
+
+def _left_undescribed(group) -> bool:
+    """An empty group without attributes where a run should be: left by a writer killed
+    between making a run's group and describing it, which used to be two writes."""
+    return not group.attrs.asdict() and not any(True for _ in group.members())
 
 
 def _remove_empty(directories) -> None:
