@@ -221,6 +221,40 @@ def test_second_writer_in_another_process_is_refused(
     RunWriter(url, RUN).close()  # free again
 
 
+NEVER_CLOSED = """
+import sys, torch, koopkit
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 2)
+for run, options in (("full", {}), ("sketch", {"sketch": 4})):
+    rec = koopkit.Recorder(sys.argv[1], run, model, every=1, **options).open()
+    for _ in range(5):
+        rec.step(loss=1.0)
+print(rec._writer.attrs["committed_steps"]["params"], flush=True)  # nothing yet: 0
+"""
+
+
+@pytest.mark.parametrize("end", ["return", "exception"])
+def test_a_recorder_never_closed_commits_its_rows_at_exit(tmp_path, end):
+    """A script that opens a Recorder and ends without closing it (or on an uncaught error)
+    keeps every row it recorded, its run marked interrupted, with a warning saying why."""
+    url = tmp_path / "s.zarr"
+    script = NEVER_CLOSED + (
+        "raise RuntimeError('the loop failed')\n" if end == "exception" else ""
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(url)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == (0 if end == "return" else 1), proc.stderr
+    assert proc.stdout.split() == ["0"]  # the rows were still in the Recorder's buffers
+    assert "was never closed" in proc.stderr
+    store = koopkit.open_store(url)
+    for run in ("full", "sketch"):
+        assert store.run(run).status == "interrupted"
+        assert store.steps(run).tolist() == list(range(6))
+        assert store.steps(run, "scalars/loss").tolist() == list(range(5))
+    assert validate_store(url) == ([], 2)
+
+
 FORK_AND_WAIT = """
 import os, sys, time
 from koopkit.store.writer import RunWriter

@@ -632,3 +632,17 @@ def test_a_truncated_step_chunk_is_named(copy):
     _truncate_chunk(copy, "params/step", "0")
     with pytest.raises(StoreError, match=r"Cannot read chunk 'c/0' of .*params/step"):
         koopkit.open_store(copy).steps(RUN)
+
+
+def test_file_urls_name_the_path_with_their_escapes_decoded(tmp_path, tiny_model, zip_directory):
+    """``file:///a%20b.zarr`` (as ``Path.as_uri`` writes it) is the directory ``a b.zarr``."""
+    where = tmp_path / "with space#1.zarr"
+    url = where.as_uri()
+    assert "%20" in url and "%231" in url
+    with koopkit.Recorder(url, "r", tiny_model()) as rec:
+        rec.step()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [where.name]
+    for opened in (where, url, f"file://localhost{where.as_uri()[len('file://') :]}"):
+        assert koopkit.open_store(opened).run("r").committed("params") == 2
+    zipped = zip_directory(where, tmp_path / "z 1.zip")
+    assert koopkit.open_store(zipped.as_uri()).run("r").committed("params") == 2

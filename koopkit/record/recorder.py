@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import re
 import reprlib
 import signal
@@ -340,6 +341,35 @@ def _release_sigterm() -> None:
         _sigterm["previous"] = None
 
 
+# Recorders open in this process, closed at exit if the script never closed them.
+_OPEN: set = set()
+
+
+def _close_at_exit() -> None:
+    """Commit the rows of Recorders left open, marking their runs interrupted.
+
+    Registered with threading's exit hooks, after ``concurrent.futures`` registered its own,
+    so it runs first, while the projection threads still take work (``atexit`` runs after).
+    A forked child inherits the set but not the Recorders' threads: it leaves them alone.
+    """
+    for rec in list(_OPEN):
+        if rec._pid != os.getpid():
+            continue
+        warnings.warn(
+            f"Recorder of run {rec.run_id!r} was never closed; its rows are committed at exit "
+            "and the run marked interrupted. Use it as a context manager, or call close().",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+        try:
+            rec.close(status="interrupted", raise_errors=False)
+        except Exception:  # the store may be gone; exit anyway
+            pass
+
+
+threading._register_atexit(_close_at_exit)
+
+
 def _chunk_steps(row_bytes: int, max_inflight_bytes: int) -> int:
     """Rows per chunk: as many as fit half the in-flight budget, a power of two up to 64."""
     rows = max(1, (max_inflight_bytes // 2) // max(1, row_bytes))
@@ -557,6 +587,8 @@ class Recorder:
             self._writer = None
             raise
         self._holds_sigterm = _hold_sigterm()
+        self._pid = os.getpid()
+        _OPEN.add(self)
         if self.initial:
             try:
                 self.snapshot()
@@ -607,6 +639,7 @@ class Recorder:
 
     def _detach(self):
         """Stop recording: remove hooks, restore SIGTERM, drain the writer thread."""
+        _OPEN.discard(self)
         for attached in self._attached:
             if attached[1] is not None:
                 attached[1].remove()

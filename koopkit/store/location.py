@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from ..errors import (
     FormatVersionError,
@@ -22,11 +23,18 @@ from . import layout
 from .nodes import LocalNodes
 
 
+def _plain(text: str) -> str:
+    """A ``file://`` URL as the path it names, its percent-escapes decoded; else ``text``."""
+    if not text.startswith("file://"):
+        return text
+    parts = urlsplit(text)
+    host = "" if parts.netloc in ("", "localhost") else parts.netloc  # file://runs.zarr: relative
+    return unquote(host + parts.path)
+
+
 def local_path(url) -> Path | None:
     """The directory behind a local store, or None for URLs and zips."""
-    text = os.fspath(url)
-    if text.startswith("file://"):
-        text = text[len("file://") :]
+    text = _plain(os.fspath(url))
     if "://" in text or text.endswith(".zip"):
         return None
     return Path(text).absolute()  # a training script may chdir after opening the store
@@ -54,7 +62,7 @@ def check_writable(url, remedy: str) -> None:
 def _zarr_store(url, *, writable: bool):
     import zarr.storage
 
-    text = os.fspath(url)
+    text = _plain(os.fspath(url))
     if text.endswith(".zip"):
         if writable:
             check_writable(text, "record into a directory and zip it afterwards")
