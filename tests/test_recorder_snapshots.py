@@ -352,6 +352,26 @@ def test_grads_cleared_before_rec_step_warn_once(memory_url, tiny_model):
     assert "'r'" in messages[0] and "step 1" in messages[0] and "attach" in messages[0]
 
 
+@pytest.mark.parametrize("sketch", [None, 8])
+def test_grads_zeroed_in_place_before_rec_step_warn_at_close(memory_url, tiny_model, sketch):
+    """zero_grad(set_to_none=False) leaves gradients that exist and are zero: stored as the
+    zeros they are, and named when the run closes."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="zero_grad") as caught:
+        with koopkit.Recorder(memory_url, "r", model, grads=True, sketch=sketch) as rec:
+            for _ in range(7):
+                model(torch.ones(2, 3)).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+                rec.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "'r'" in messages[0] and "steps [1, 2, 3, 4]" in messages[0]
+    grads = np.asarray(koopkit.open_store(memory_url).array("r", "grads"))
+    assert grads.shape[0] == 8 and not grads.any()
+
+
 def test_grads_recorded_before_zero_grad_do_not_warn(memory_url, tiny_model):
     model = tiny_model()
     with warnings.catch_warnings():

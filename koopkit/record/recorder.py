@@ -617,6 +617,7 @@ class Recorder:
             if raise_errors:
                 self._report(error)
             return
+        self._check_zero_grads(writer)
         flagged = writer.attrs.get("nonfinite")
         if flagged:
             counts = writer.attrs.get("nonfinite_count") or {}
@@ -1058,6 +1059,19 @@ class Recorder:
                 f"Run {self.run_id!r}: no recorded parameter has a gradient at step {step}, so "
                 "grads stores zeros. Call rec.step before optimizer.zero_grad(), or use "
                 "rec.attach(optimizer).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    def _check_zero_grads(self, writer):
+        """Warn when gradients recorded after the start are all zeros: the loop zeroed them
+        in place (``zero_grad(set_to_none=False)``) before ``rec.step``."""
+        grads = writer.series.get(layout.GRADS)
+        zero = [s for s in grads.zero_steps if s > self._start_step] if grads else []
+        if zero and not self._warned_grads:
+            warnings.warn(
+                f"Run {self.run_id!r}: the gradients recorded at steps {zero} are all zeros. "
+                "Call rec.step before optimizer.zero_grad(), or use rec.attach(optimizer).",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -32,6 +32,7 @@ from .lock import RunLock
 
 CHUNK_BYTES = 16 * 2**20  # target uncompressed chunk size
 NONFINITE_LIMIT = 100  # steps listed per series in the run's "nonfinite"; the rest are counted
+ZERO_STEPS_KEPT = 5  # steps of all-zero rows each series writer keeps, for the Recorder's checks
 
 
 def now() -> str:
@@ -171,6 +172,7 @@ class SeriesWriter:
         self.pending = 0
         self.nonfinite_steps: list[int] = []  # not yet committed, at most NONFINITE_LIMIT
         self.nonfinite_count = 0  # not yet committed, all of them
+        self.zero_steps: list[int] = []  # the first steps whose rows are all zeros
 
     @staticmethod
     def _conflict(group, spec) -> str | None:
@@ -216,14 +218,19 @@ class SeriesWriter:
             )
         self.last_step = int(steps[-1])
 
-    def _note_nonfinite(self, steps, rows):
-        """Flag rows holding NaN or Inf: a row's sum is finite only if every entry is (unless
-        it overflows), so one pass without a temporary array clears almost every row."""
+    def _inspect(self, steps, rows):
+        """Flag rows holding NaN or Inf, and note rows of zeros: a row's sum is finite only if
+        every entry is (unless it overflows), and zero if they all are, so one pass without a
+        temporary array clears almost every row."""
         if rows.dtype.kind != "f":
             return
         rows = rows.reshape(len(rows), -1)
         with np.errstate(over="ignore", invalid="ignore"):
-            suspect = ~np.isfinite(rows.sum(axis=1))
+            sums = rows.sum(axis=1)
+        suspect = ~np.isfinite(sums)
+        if len(self.zero_steps) < ZERO_STEPS_KEPT and not sums.all():
+            zero = steps[sums == 0][~rows[sums == 0].any(axis=1)]
+            self.zero_steps.extend(int(s) for s in zero[: ZERO_STEPS_KEPT - len(self.zero_steps)])
         if suspect.any():
             finite = np.isfinite(rows[suspect]).all(axis=1)
             flagged = steps[suspect][~finite]
@@ -254,7 +261,7 @@ class SeriesWriter:
             return False
         rows = np.asarray(rows).reshape(len(steps), *self.spec.row_shape)
         self._check_steps(steps)
-        self._note_nonfinite(steps, rows)
+        self._inspect(steps, rows)
         wrote, i = False, 0
         while i < len(steps):
             room = self.chunk_steps - (self.written + self.pending) % self.chunk_steps
