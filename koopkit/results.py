@@ -34,8 +34,8 @@ class Spectrum:
     residuals : (r,) float array, optional
         ResDMD residual of each eigenpair; large values flag spurious eigenvalues.
     modes : (features, r) array or callable, optional
-        DMD modes, or a zero-argument callable that computes them on demand (a module-level
-        class rather than a closure, for the spectrum to pickle).
+        DMD modes, or a zero-argument callable that computes them on demand (when first
+        asked for, or when the spectrum is pickled).
     meta : mapping
         Provenance: estimator name and parameters, rank, input runs.
     """
@@ -59,8 +59,11 @@ class Spectrum:
                 )
 
     def __reduce__(self):
-        """Unpickled through the constructor, so the copy's arrays are read-only too."""
-        return type(self), tuple(getattr(self, f.name) for f in fields(self))
+        """Unpickled through the constructor, so the copy's arrays are read-only too; lazy
+        modes are computed first, so the modes travel rather than the data behind them."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["modes"] = self.get_modes()
+        return type(self), tuple(values.values())
 
     @property
     def rank(self) -> int:

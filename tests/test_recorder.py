@@ -37,7 +37,7 @@ from koopkit.record import sketch as sk
 from koopkit.record import transfer
 from koopkit.record.recorder import Probe
 from koopkit.store.validate import validate_store
-from koopkit.store.writer import RunWriter
+from koopkit.store.writer import RunWriter, SeriesWriter
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -944,6 +944,29 @@ def test_dropped_snapshots_are_counted_in_the_store_before_close(tmp_path, tiny_
             assert time.monotonic() < deadline, run.attrs
             time.sleep(0.05)
         assert run.status == "recording" and run.attrs["dropped"] > 0
+
+
+def test_on_full_drop_never_waits_for_a_slow_write(memory_url, tiny_model, monkeypatch):
+    """While the writer thread spends 0.5 s writing a chunk (holding the run), every
+    rec.step returns at once: dropping is the point of on_full="drop"."""
+    model = tiny_model()
+    write = SeriesWriter._write
+
+    def slow(self, steps, rows):
+        time.sleep(0.5)
+        return write(self, steps, rows)
+
+    monkeypatch.setattr(SeriesWriter, "_write", slow)
+    budget = 2 * row_bytes(model)
+    with koopkit.Recorder(memory_url, "r", model, on_full="drop", max_inflight_bytes=budget) as rec:
+        longest = 0.0
+        for _ in range(40):
+            start = time.monotonic()
+            rec.step()
+            longest = max(longest, time.monotonic() - start)
+            time.sleep(0.005)
+    assert koopkit.open_store(memory_url).run("r").attrs["dropped"] > 0
+    assert longest < 0.25, longest  # not one step waited out a write
 
 
 def test_on_full_block_loses_nothing(memory_url, tiny_model, monkeypatch):

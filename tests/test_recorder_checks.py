@@ -12,6 +12,7 @@ import koopkit
 from koopkit.errors import InvalidRunIdError, NotAStoreError, ShapeChangedError
 from koopkit.record import recorder as recorder_module
 from koopkit.record import schedule as sched
+from koopkit.store import writer as writer_module
 from koopkit.store.validate import validate_store
 from koopkit.store.writer import RunWriter, SeriesSpec
 
@@ -251,6 +252,39 @@ def test_a_series_with_nothing_committed_is_started_again(memory_url, tiny_model
     # rows once committed are never replaced
     with pytest.raises(ShapeChangedError):
         koopkit.Recorder(memory_url, "exp1", tiny_model(), sketch=8).open()
+
+
+def test_a_series_with_nothing_committed_is_unlisted_while_it_is_remade(
+    memory_url, tiny_model, monkeypatch
+):
+    """A killed writer could otherwise leave committed_steps naming a series it had deleted."""
+    writer = RunWriter(memory_url, "exp1")
+    writer.add_series(SeriesSpec("params", (36,), row_dims=("param",)))
+    writer.close("interrupted")
+    seen = []
+    make = writer_module.SeriesWriter.__init__
+
+    def spying(self, run_group, spec, committed_rows, directory=None):
+        seen.append(spec.path in run_group.attrs["committed_steps"])
+        make(self, run_group, spec, committed_rows, directory)
+
+    monkeypatch.setattr(writer_module.SeriesWriter, "__init__", spying)
+    record_one_step(memory_url, tiny_model(), run="exp1")
+    assert seen[0] is False  # what the store said while params was remade
+
+
+def test_a_half_made_series_is_made_again_whole(memory_url, tiny_model):
+    """A series with its arrays but not listed (killed before its coordinates were made) is
+    remade on resume, not reopened without them."""
+    probes = {"p": koopkit.Probe(torch.zeros(4, 3), ids=[10, 11, 12, 13])}
+    record_one_step(memory_url, tiny_model(), run="exp1")
+    writer = RunWriter(memory_url, "exp1")
+    half = SeriesSpec("probes/p", (4, 2), row_dims=("sample", "feature"))  # no ids
+    writer_module.SeriesWriter(writer.group, half, 0)  # made, never listed
+    writer.abandon()
+    store = record_one_step(memory_url, tiny_model(), run="exp1", probes=probes)
+    assert store.dataset("exp1", "probes/p")["sample"].values.tolist() == [10, 11, 12, 13]
+    assert validate_store(memory_url)[0] == []
 
 
 def test_nested_run_id_is_refused_before_any_directory_is_made(tmp_path, tiny_model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -635,14 +636,21 @@ def test_a_truncated_step_chunk_is_named(copy):
 
 
 def test_file_urls_name_the_path_with_their_escapes_decoded(tmp_path, tiny_model, zip_directory):
-    """``file:///a%20b.zarr`` (as ``Path.as_uri`` writes it) is the directory ``a b.zarr``."""
-    where = tmp_path / "with space#1.zarr"
+    """``file:///a%20b.zarr`` (as ``Path.as_uri`` writes it) is the directory ``a b.zarr``; a
+    URL built by hand (``f"file://{path}"``) keeps a ``#`` or ``?`` as part of the name."""
+    where = tmp_path / "with space#1?.zarr"
     url = where.as_uri()
-    assert "%20" in url and "%231" in url
+    assert "%20" in url and "%231%3F" in url
     with koopkit.Recorder(url, "r", tiny_model()) as rec:
         rec.step()
     assert sorted(p.name for p in tmp_path.iterdir()) == [where.name]
-    for opened in (where, url, f"file://localhost{where.as_uri()[len('file://') :]}"):
+    by_hand = f"file://{where}"
+    for opened in (where, url, by_hand, f"file://localhost{where}"):
         assert koopkit.open_store(opened).run("r").committed("params") == 2
     zipped = zip_directory(where, tmp_path / "z 1.zip")
     assert koopkit.open_store(zipped.as_uri()).run("r").committed("params") == 2
+    with zipfile.ZipFile(zipped, "a") as zf:  # a member that would escape if extracted
+        zf.writestr("../evil.txt", "x")
+    for given in (zipped, zipped.as_uri()):
+        reasons, _ = validate_store(given)
+        assert any("unsafe name" in r for r in reasons), (given, reasons)

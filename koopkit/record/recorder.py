@@ -575,7 +575,7 @@ class Recorder:
             "initial": bool(self.initial),
         }
         self._writer = RunWriter(self.store, self.run_id, metadata, resume=self.resume)
-        self._dropped_before = int(self._writer.attrs.get("dropped", 0))
+        self._dropped_before = self._writer.dropped
         self._thread = WriterThread(self._writer)
         self._pager = Pager()
         try:
@@ -759,10 +759,11 @@ class Recorder:
 
     def _count_dropped(self) -> None:
         """Keep the run's ``dropped`` current, so each commit writes it (a reader sees the
-        gaps of a run still recording, or of one that died)."""
-        dropped = self._dropped_before + sum(s.dropped for s in self._vectors.values())
-        if dropped != self._writer.attrs.get("dropped"):
-            self._writer.set(dropped=dropped)
+        gaps of a run still recording, or of one that died). A plain attribute, not
+        ``set``: a snapshot dropped because the writer is busy must not wait for it."""
+        writer = self._writer
+        if writer is not None:
+            writer.dropped = self._dropped_before + sum(s.dropped for s in self._vectors.values())
 
     def _follow_stream(self) -> None:
         """Where the loop's current stream changed since the last snapshot, make it wait

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from ..errors import (
     FormatVersionError,
@@ -23,18 +23,22 @@ from . import layout
 from .nodes import LocalNodes
 
 
-def _plain(text: str) -> str:
-    """A ``file://`` URL as the path it names, its percent-escapes decoded; else ``text``."""
+def file_url_path(text: str) -> str:
+    """A ``file://`` URL as the path it names, its percent-escapes decoded; else ``text``.
+
+    By hand rather than ``urlsplit``: a ``#`` or ``?`` in a path is part of its name here.
+    """
     if not text.startswith("file://"):
         return text
-    parts = urlsplit(text)
-    host = "" if parts.netloc in ("", "localhost") else parts.netloc  # file://runs.zarr: relative
-    return unquote(host + parts.path)
+    path = text[len("file://") :]
+    if path.startswith("localhost/"):
+        path = path[len("localhost") :]
+    return unquote(path)
 
 
 def local_path(url) -> Path | None:
     """The directory behind a local store, or None for URLs and zips."""
-    text = _plain(os.fspath(url))
+    text = file_url_path(os.fspath(url))
     if "://" in text or text.endswith(".zip"):
         return None
     return Path(text).absolute()  # a training script may chdir after opening the store
@@ -62,7 +66,7 @@ def check_writable(url, remedy: str) -> None:
 def _zarr_store(url, *, writable: bool):
     import zarr.storage
 
-    text = _plain(os.fspath(url))
+    text = file_url_path(os.fspath(url))
     if text.endswith(".zip"):
         if writable:
             check_writable(text, "record into a directory and zip it afterwards")

@@ -18,20 +18,25 @@ from ..errors import RunLockedError
 _IN_PROCESS: set[tuple[str, str]] = set()
 _IN_PROCESS_GUARD = threading.Lock()
 _HELD: weakref.WeakSet = weakref.WeakSet()  # RunLocks holding a flock in this process
+_FORK_GUARD = threading.Lock()  # held across a fork: no lock is half taken or half released
 
 
 def _drop_inherited_locks() -> None:
     """In a forked child: close the descriptors the parent's locks hold (the parent keeps
     its own, so its locks stand)."""
     for lock in list(_HELD):
-        if lock._fd is not None:
-            os.close(lock._fd)
-            lock._fd = None
+        os.close(lock._fd)
+        lock._fd = None
     _HELD.clear()
+    _FORK_GUARD.release()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_locks)
+    os.register_at_fork(
+        before=_FORK_GUARD.acquire,
+        after_in_parent=_FORK_GUARD.release,
+        after_in_child=_drop_inherited_locks,
+    )
 
 
 class RunLock:
@@ -44,14 +49,17 @@ class RunLock:
             import fcntl
 
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise RunLockedError(self._refusal(run_id, describe_holder())) from None
-            self._fd = fd
-            _HELD.add(self)
+            with _FORK_GUARD:  # a fork in between would copy a descriptor _HELD does not list
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                else:
+                    self._fd = fd
+                    _HELD.add(self)
+            if self._fd is None:
+                raise RunLockedError(self._refusal(run_id, describe_holder()))
         else:
             with _IN_PROCESS_GUARD:
                 if self._key in _IN_PROCESS:
@@ -65,9 +73,10 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-            _HELD.discard(self)
+            with _FORK_GUARD:
+                os.close(self._fd)  # closing the descriptor drops the flock
+                self._fd = None
+                _HELD.discard(self)
         else:
             with _IN_PROCESS_GUARD:
                 _IN_PROCESS.discard(self._key)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import StoreError
 from . import layout
-from .location import local_path, open_root
+from .location import file_url_path, local_path, open_root
 from .nodes import ZARR_JSON, NotCanonical, parse_array
 from .schema import validate_attrs
 
@@ -229,10 +229,11 @@ def _unsafe_zip_members(url) -> list[str]:
     import os
     import zipfile
 
-    if not os.fspath(url).endswith(".zip"):
+    path = file_url_path(os.fspath(url))
+    if not path.endswith(".zip"):
         return []
     try:
-        names = zipfile.ZipFile(url).namelist()
+        names = zipfile.ZipFile(path).namelist()
     except (OSError, zipfile.BadZipFile):
         return []  # opening the store reports it
     return [

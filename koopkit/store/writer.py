@@ -115,14 +115,8 @@ class SeriesWriter:
         if spec.path in run_group:
             group = run_group[spec.path]
             conflict = self._conflict(group, spec)
-            if conflict is not None and committed_rows == 0:
-                # nothing of it was ever committed (an open that failed, a crash before the
-                # first commit): start the series again rather than refuse the run for good
-                del run_group[spec.path]
-            elif conflict is not None:
+            if conflict is not None:
                 raise ShapeChangedError(conflict)
-        if spec.path in run_group:
-            group = run_group[spec.path]
             self.value, self.step = group["value"], group["step"]
             self.written = min(committed_rows, self.value.shape[0], self.step.shape[0])
             self.value.resize((self.written, *spec.row_shape))  # drop uncommitted rows
@@ -336,6 +330,7 @@ class RunWriter:
             _remove_empty(made)
             raise
         self.series: dict[str, SeriesWriter] = {}
+        self.dropped = int(self.attrs.get("dropped", 0))  # snapshots skipped; set by the Recorder
         self.closed = False
         self._committed = False  # whether this writer committed any row
         self._mutex = threading.RLock()  # the training thread adds series while the writer appends
@@ -433,6 +428,12 @@ class RunWriter:
         with self._guard():
             committed = self.attrs["committed_steps"]
             directory = None if self.directory is None else self.directory / spec.path
+            if not committed.get(spec.path) and spec.path in self.group:
+                # nothing of it committed (half made by a killed writer, or left by an open
+                # that failed): made again, unlisted while it is remade
+                if committed.pop(spec.path, None) is not None:
+                    self._save_attrs()
+                del self.group[spec.path]
             series = SeriesWriter(self.group, spec, committed.get(spec.path, 0), directory)
             self.series[spec.path] = series
             if spec.path not in committed:
@@ -453,6 +454,7 @@ class RunWriter:
 
     def _commit(self):
         self._committed = True
+        self.attrs["dropped"] = self.dropped
         for path, series in self.series.items():
             series.write_pending()
             self.attrs["committed_steps"][path] = series.written
@@ -473,6 +475,7 @@ class RunWriter:
         """Update run attributes (written at the next commit)."""
         with self._mutex:
             self.attrs.update(attrs)
+            self.dropped = int(self.attrs.get("dropped", 0))  # what the next commit writes
 
     def write_static(self, name: str, array, dims, description: str | None = None) -> None:
         """Store an array that is not a time series under ``static/<name>``."""
@@ -514,9 +517,12 @@ class RunWriter:
         self.closed = True
         try:
             if not self._committed and self._original_attrs is not None:
-                self.attrs = (
-                    self._original_attrs
-                )  # nothing new was written: leave the run as it was
+                # nothing new was written: leave the run as it was, listing the series as
+                # they are now (one with no rows may have been remade or removed)
+                self.attrs = {
+                    **self._original_attrs,
+                    "committed_steps": self.attrs["committed_steps"],
+                }
             else:
                 self.attrs["status"] = "interrupted"
                 self.attrs.pop("writer", None)

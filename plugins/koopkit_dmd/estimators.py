@@ -354,7 +354,7 @@ class DMD(_Estimator):
 class _LazyModes:
     """Exact DMD modes computed in one pass over the data on the first call, then kept.
 
-    A class rather than a closure so that a Spectrum holding it pickles (multiprocessing, dask).
+    It holds the data; a Spectrum pickles its modes, never this.
     """
 
     def __init__(
@@ -374,12 +374,6 @@ class _LazyModes:
         if self._modes is None:
             self._modes = self._compute()
         return self._modes
-
-    def __setstate__(self, state):
-        """Unpickled arrays are writable; the cached modes every caller shares must not be."""
-        self.__dict__.update(state)
-        if self._modes is not None:
-            self._modes.setflags(write=False)
 
     def _compute(self) -> np.ndarray:
         delays, width = self.delays, self.coefficients.shape[1]
