@@ -147,8 +147,8 @@ def _is_run(attrs: dict) -> bool:
 
 
 def _series_paths(nodes, run_path: str, committed) -> tuple[str, ...]:
-    """The run's series, less those its writer was still creating when it died: a series is
-    listed in ``committed_steps`` by the first commit after it was made (whole)."""
+    """The run's series, less those its writer was still creating when it died: the writer
+    lists a series in ``committed_steps`` once its arrays are made (``RunWriter.add_series``)."""
     paths = []
     for kind in layout.VECTOR_SERIES:
         if nodes.contains(f"{run_path}/{kind}"):
